@@ -14,16 +14,20 @@ from __future__ import annotations
 
 from typing import Final
 
+from opentelemetry.semconv._incubating.attributes import gen_ai_attributes as _gen_ai
+from opentelemetry.semconv.attributes import error_attributes as _error
+
 # --- span names (design §4): "<kind> <id>" ---------------------------------------------------
 SPAN_RUN: Final = "run"
 SPAN_STEP: Final = "step"
 SPAN_ATTEMPT: Final = "attempt"
 
 # --- standard attribute names (semantic conventions) ----------------------------------------
-ERROR_TYPE: Final = "error.type"
-GEN_AI_OPERATION_NAME: Final = "gen_ai.operation.name"
-GEN_AI_WORKFLOW_NAME: Final = "gen_ai.workflow.name"
-OPERATION_INVOKE_WORKFLOW: Final = "invoke_workflow"
+ERROR_TYPE: Final = _error.ERROR_TYPE
+GEN_AI_OPERATION_NAME: Final = _gen_ai.GEN_AI_OPERATION_NAME
+# The GenAI names live only in the incubating module and may still move; pin them here.
+GEN_AI_WORKFLOW_NAME: Final = _gen_ai.GEN_AI_WORKFLOW_NAME
+OPERATION_INVOKE_WORKFLOW: Final = _gen_ai.GenAiOperationNameValues.INVOKE_WORKFLOW.value
 
 # --- our attribute names ---------------------------------------------------------------------
 RUN_ID: Final = "stroma.run.id"

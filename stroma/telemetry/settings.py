@@ -1,0 +1,90 @@
+"""Telemetry settings: what is recorded, what is exported, and where.
+
+Configuration order, for every setting here: explicit argument > environment variable
+(``OTEL_*``, ``STROMA_*``) > default.
+
+==================================================  =========================================
+setting (argument / environment variable)           default
+==================================================  =========================================
+``enabled`` / ``OTEL_SDK_DISABLED``                 on (``OTEL_SDK_DISABLED=true`` turns spans
+                                                    and metrics off; results stay correct)
+``capture_content`` /                               off: step inputs and outputs never reach
+``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT``  an exporter unless this is ``true``
+``max_content_chars`` / ``STROMA_MAX_CONTENT_CHARS``  4096 characters per captured value
+``redactor``                                        none (captured JSON is exported as is)
+``tracer_provider``, ``meter_provider``             the global providers; when the application
+                                                    configured no SDK, a private one of
+                                                    Stroma's own (never installed globally)
+``OTEL_EXPORTER_OTLP_ENDPOINT`` and the per-signal  none: with no endpoint, the private
+``OTEL_EXPORTER_OTLP_{TRACES,METRICS}_ENDPOINT``    providers export nothing
+``OTEL_EXPORTER_OTLP_PROTOCOL`` (and per signal)    ``http/protobuf`` (or ``grpc``)
+``OTEL_SERVICE_NAME``                               ``stroma``
+``OTEL_METRIC_EXPORT_INTERVAL``                     60000 ms
+==================================================  =========================================
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from opentelemetry.metrics import MeterProvider
+from opentelemetry.trace import TracerProvider
+
+from stroma.errors import ConfigurationError
+
+Redactor = Callable[[str], str]
+"""Receives the JSON text of a captured input or output and returns what may be exported."""
+
+_TRUE = {"1", "true", "yes", "on"}
+
+
+def env_flag(name: str, default: bool) -> bool:
+    """Read a boolean environment variable (``true``/``1``/``yes``/``on``, case-insensitive)."""
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    return raw.strip().lower() in _TRUE
+
+
+@dataclass(frozen=True)
+class TelemetrySettings:
+    """Immutable telemetry settings; ``None`` means "take the environment or the default".
+
+    Raises :class:`~stroma.errors.ConfigurationError` when ``max_content_chars`` is not
+    positive.
+    """
+
+    enabled: bool | None = None
+    capture_content: bool | None = None
+    max_content_chars: int | None = None
+    redactor: Redactor | None = None
+    tracer_provider: TracerProvider | None = None
+    meter_provider: MeterProvider | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_content_chars is not None and self.max_content_chars <= 0:
+            raise ConfigurationError(f"TelemetrySettings.max_content_chars must be > 0, got {self.max_content_chars}")
+
+    def resolved_enabled(self) -> bool:
+        if self.enabled is not None:
+            return self.enabled
+        return not env_flag("OTEL_SDK_DISABLED", False)
+
+    def resolved_capture_content(self) -> bool:
+        if self.capture_content is not None:
+            return self.capture_content
+        return env_flag("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", False)
+
+    def resolved_max_content_chars(self) -> int:
+        if self.max_content_chars is not None:
+            return self.max_content_chars
+        raw = os.environ.get("STROMA_MAX_CONTENT_CHARS", "")
+        try:
+            value = int(raw) if raw.strip() else 4096
+        except ValueError:
+            raise ConfigurationError(f"STROMA_MAX_CONTENT_CHARS must be a positive integer, got {raw!r}") from None
+        if value <= 0:
+            raise ConfigurationError(f"STROMA_MAX_CONTENT_CHARS must be a positive integer, got {raw!r}")
+        return value
