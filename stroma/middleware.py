@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from pydantic import BaseModel
 
 from stroma import _step_io
+from stroma._admission import BudgetGate
 from stroma.contracts import ContractRegistry, ContractViolation, NodeContract
 from stroma.cost import BudgetExceeded, CostTracker, ExecutionBudget, FallbackPolicy, NodeUsage
 from stroma.failures import (
@@ -140,9 +141,15 @@ class ReliabilityContext:
     run_record: SpanRecord | None = field(init=False, default=None)
     finished: bool = field(init=False, default=False)
     _hook_faults: set[str] = field(init=False, default_factory=set)
+    gate: BudgetGate = field(init=False)
 
     def __post_init__(self) -> None:
         self.run_logger = logging.LoggerAdapter(logger, {"run_id": self.run_id})
+        self.gate = BudgetGate(self.budget)
+
+    def spent(self) -> tuple[float, int]:
+        """``(cost in USD, tokens)`` spent by this run so far."""
+        return self.total_cost, self.input_tokens + self.output_tokens
 
     @classmethod
     def for_run(
@@ -508,6 +515,7 @@ async def _run_step(step: _Step, func: Callable[..., Any], input_state: Any) -> 
     timeout_ms = ctx.step_timeouts.get(step_id)
     budget = ctx.budget
     check_budget = not budget.is_unlimited
+    gate = ctx.gate if ctx.gate.active else None
     policy_delays: dict[FailureClass, Iterator[float]] = {}
     delay = 0.0
     attempt = 0
@@ -520,8 +528,17 @@ async def _run_step(step: _Step, func: Callable[..., Any], input_state: Any) -> 
                 ctx.cost_tracker.check_can_start(budget, step_id, elapsed_ms=_elapsed_ms(ctx.started_perf))
             except BudgetExceeded as blocked:
                 return _breach(step, blocked, input_state)
+        if gate is not None and await gate.enter(ctx.spent):
+            # others spent while this attempt waited for its turn: check again
+            try:
+                ctx.cost_tracker.check_can_start(budget, step_id, elapsed_ms=_elapsed_ms(ctx.started_perf))
+            except BudgetExceeded as blocked:
+                gate.release()
+                return _breach(step, blocked, input_state)
         attempt_timeout = _attempt_timeout(ctx, timeout_ms)
         if attempt_timeout is not None and attempt_timeout <= 0:
+            if gate is not None:
+                gate.release()
             return _stop(step, RunStatus.PARTIAL, input_state, f"run deadline of {ctx.run_timeout_ms} ms passed")
         model = _choose_model(step)
 
@@ -780,6 +797,8 @@ def _finish_attempt(
         if unpriced:
             _note_unpriced(ctx, model or "unknown")
     step.attempts += 1
+    if ctx.gate.active:
+        ctx.gate.leave(cost, in_tok + out_tok)
     arecord.end_ns = time.time_ns()
     ctx.telemetry.finish(arecord)
     ctx.records.append(arecord)

@@ -429,3 +429,34 @@ async def test_no_run_or_trace_ids_as_metric_labels(capture: TelemetryCapture) -
     text = repr(data.to_json())
     assert "run-label-check" not in text
     assert "stroma.run.id" not in text
+
+
+@pytest.mark.parametrize("concurrency", [1, 50])
+async def test_budget_worth_three_and_a_half_calls(concurrency: int) -> None:
+    """Reliability scenario 13: overspend is at most one call, sequential or 50 concurrent steps."""
+    from stroma.pricing import price_for
+
+    price = price_for("gpt-4o-mini")
+    assert price is not None
+    call_cost = price.cost(1000, 500)
+    ctx = ctx_for(budget=ExecutionBudget(max_cost_usd=3.5 * call_cost))
+    calls = 0
+
+    async def call(doc: Doc) -> Any:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.001)
+        return {"summary": "s"}, 1000, 500, "gpt-4o-mini"
+
+    async def one() -> Any:
+        return await execute_step("summarize", call, Doc(text="a"), ctx, contract=CONTRACT)
+
+    if concurrency == 1:
+        results = [await one() for _ in range(10)]
+    else:
+        results = await asyncio.gather(*(one() for _ in range(concurrency)))
+    assert calls == 4
+    assert ctx.total_cost == pytest.approx(4 * call_cost)
+    assert ctx.total_cost - 3.5 * call_cost <= call_cost
+    assert sum(r.status is RunStatus.COMPLETED for r in results) == 3
+    assert all(r.status is RunStatus.PARTIAL for r in results if r.status is not RunStatus.COMPLETED)
