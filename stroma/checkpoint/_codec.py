@@ -1,0 +1,426 @@
+"""The stored form of a checkpoint: a checksummed JSON envelope, and nothing else.
+
+Every store keeps the same text. A step checkpoint looks like::
+
+    {"checksum": "sha256:…", "format": "stroma.checkpoint", "kind": "step",
+     "payload": {…model_dump(mode="json")…}, "run_id": "r1", "step_id": "summarize",
+     "saved_at": 1767225600.0, "schema": {"fingerprint": "sha256:…", "name": "app.models.Summary"},
+     "version": 1}
+
+A run manifest has ``"kind": "manifest"``, ``"step_id": null`` and ``"schema": null``.
+
+Rules (design §3 item 9, reliability scenario 15):
+
+- The checksum is SHA-256 over the canonical JSON of every other field (sorted keys, no spaces,
+  UTF-8), so a flipped byte, a truncated write, an edited payload or a checkpoint copied from
+  another run or step is detected. It is an integrity check, not a signature: someone who can write
+  to the store can also recompute it. What such a writer can achieve is bounded by the next rule.
+- Loading never imports anything and never unpickles. The schema name is stored as plain text for
+  error messages only; the payload is validated with the schema the *caller* passes. Without a
+  schema a persistent store can only return a :class:`CheckpointData` (a generic model holding the
+  payload's fields).
+- Everything that is wrong fails closed with :class:`~stroma.errors.CheckpointError` naming the run,
+  the step and what is wrong. Validation errors are summarised by location and message only, never
+  with the stored values (those may be secrets and error messages may be exported).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import time
+from collections.abc import Mapping
+from typing import Any, Final, TypeVar
+
+from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
+from pydantic_core import PydanticSerializationError
+
+from stroma.errors import CheckpointError
+
+FORMAT: Final = "stroma.checkpoint"
+FORMAT_VERSION: Final = 1
+KIND_STEP: Final = "step"
+KIND_MANIFEST: Final = "manifest"
+
+_CHECKSUM_PREFIX: Final = "sha256:"
+_ENVELOPE_FIELDS: Final = frozenset(
+    {"format", "version", "kind", "run_id", "step_id", "saved_at", "schema", "payload", "checksum"}
+)
+# JSON-schema keywords that document a model without changing what it accepts.
+_ANNOTATION_KEYWORDS: Final = frozenset({"title", "description", "examples", "$comment"})
+# JSON-schema keywords whose value maps *names* (of properties, definitions) to sub-schemas.
+_NAME_MAPS: Final = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
+_MAX_ERRORS_IN_MESSAGE: Final = 5
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class CheckpointData(BaseModel):
+    """A checkpoint loaded without a schema: the stored payload's fields, validated as plain JSON.
+
+    Persistent stores return this from ``load(run_id, node_id)`` because rebuilding the original
+    class would mean importing code named by stored data. Fields are reachable as attributes
+    (``data.value``) or through :meth:`model_dump`; nested models come back as dicts. To get the
+    step's real model pass its schema: ``CheckpointManager.resume(run_id, step_id, Schema)`` or
+    ``store.load_typed(run_id, step_id, Schema)``.
+    """
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    _schema_name: str = PrivateAttr(default="")
+    _schema_fingerprint: str = PrivateAttr(default="")
+
+    @property
+    def stored_schema_name(self) -> str:
+        """Qualified name of the model that wrote the checkpoint (informational text only)."""
+        return self._schema_name
+
+    @property
+    def stored_schema_fingerprint(self) -> str:
+        """:func:`schema_fingerprint` of the model that wrote the checkpoint."""
+        return self._schema_fingerprint
+
+
+# --- identifiers ---------------------------------------------------------------------------------
+
+
+def check_run_id(run_id: object) -> str:
+    """Return *run_id* if it is a non-empty ``str``; raise ``TypeError`` / ``ValueError`` otherwise."""
+    if not isinstance(run_id, str):
+        raise TypeError(f"run_id must be a str, got {type(run_id).__name__}")
+    if not run_id:
+        raise ValueError("run_id must be a non-empty string")
+    return run_id
+
+
+def check_step_id(step_id: object) -> str:
+    """Return *step_id* if it is a non-empty ``str``; raise ``TypeError`` / ``ValueError`` otherwise."""
+    if not isinstance(step_id, str):
+        raise TypeError(f"node_id must be a str, got {type(step_id).__name__}")
+    if not step_id:
+        raise ValueError("node_id must be a non-empty string")
+    return step_id
+
+
+def check_schema(schema: object) -> type[BaseModel]:
+    """Return *schema* if it is a pydantic model class; raise ``TypeError`` otherwise."""
+    if not (isinstance(schema, type) and issubclass(schema, BaseModel)):
+        raise TypeError(f"schema must be a pydantic BaseModel subclass, got {schema!r}")
+    return schema
+
+
+def _place(run_id: str, step_id: str | None) -> str:
+    return f"run {run_id!r}" if step_id is None else f"step {step_id!r} in run {run_id!r}"
+
+
+def record(run_id: str, step_id: str | None) -> str:
+    """``"the checkpoint of step 'x' in run 'y'"``, or ``"the manifest of run 'y'"`` when *step_id* is None."""
+    if step_id is None:
+        return f"the manifest of run {run_id!r}"
+    return f"the checkpoint of step {step_id!r} in run {run_id!r}"
+
+
+def operation(action: str, run_id: str, step_id: str | None) -> str:
+    """Describe a store operation for messages: ``"save the checkpoint of step 'x' in run 'y'"``.
+
+    *action* ``"save"`` / ``"load"`` applies to :func:`record`; any other action (``"delete the
+    checkpoints"``, ``"list the completed steps"``) applies to the whole run.
+    """
+    if action in ("save", "load"):
+        return f"{action} {record(run_id, step_id)}"
+    return f"{action} of run {run_id!r}"
+
+
+# --- schema identity -----------------------------------------------------------------------------
+
+
+def schema_name(schema: type[BaseModel]) -> str:
+    """``module.QualName`` of *schema*: text for messages, never resolved back to a class."""
+    return f"{schema.__module__}.{schema.__qualname__}"
+
+
+@functools.lru_cache(maxsize=512)
+def schema_fingerprint(schema: type[BaseModel]) -> str:
+    """A stable ``"sha256:<hex>"`` identity of what *schema* accepts.
+
+    It hashes the model's validation JSON schema with its titles, descriptions, examples and
+    comments removed, so editing a docstring or renaming the top-level class keeps the fingerprint,
+    while adding, removing or retyping a field, changing a constraint, a default or whether a field
+    is required changes it. Models whose JSON schema cannot be generated (arbitrary types) fall back
+    to hashing their field names, annotations and requiredness. Results are cached (bounded).
+    Note that a pydantic upgrade that changes JSON-schema generation can change fingerprints.
+    """
+    check_schema(schema)
+    try:
+        described: Any = _strip_annotations(schema.model_json_schema(mode="validation"), names=False)
+    except Exception:
+        # Deliberately broad: pydantic raises several error types for schemas it cannot express.
+        described = [
+            [name, repr(field.annotation), field.is_required(), field.alias]
+            for name, field in schema.model_fields.items()
+        ]
+    return _CHECKSUM_PREFIX + hashlib.sha256(_canonical(described)).hexdigest()
+
+
+def _strip_annotations(node: Any, *, names: bool) -> Any:
+    if isinstance(node, dict):
+        if names:
+            return {key: _strip_annotations(value, names=False) for key, value in node.items()}
+        return {
+            key: _strip_annotations(value, names=key in _NAME_MAPS)
+            for key, value in node.items()
+            if key not in _ANNOTATION_KEYWORDS
+        }
+    if isinstance(node, list):
+        return [_strip_annotations(item, names=False) for item in node]
+    return node
+
+
+# --- encoding ------------------------------------------------------------------------------------
+
+
+def _canonical(value: Any) -> bytes:
+    """Canonical JSON bytes; raises ``ValueError`` (NaN/Infinity) or ``TypeError`` (not JSON)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
+
+
+def _checksum(body: Mapping[str, Any]) -> str:
+    return _CHECKSUM_PREFIX + hashlib.sha256(_canonical(body)).hexdigest()
+
+
+def _seal(body: dict[str, Any], run_id: str, step_id: str | None) -> str:
+    try:
+        checksum = _checksum(body)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(
+            f"cannot write {record(run_id, step_id)}: the data is not representable "
+            f"as JSON ({exc}); NaN and Infinity are not allowed",
+            run_id=run_id,
+            node_id=step_id,
+        ) from exc
+    return _canonical({**body, "checksum": checksum}).decode("utf-8")
+
+
+def encode_step(run_id: str, step_id: str, state: BaseModel, schema: type[BaseModel] | None = None) -> str:
+    """Serialise *state* (coerced to *schema* when given) into a sealed envelope.
+
+    Raises ``TypeError`` / ``ValueError`` for malformed ids or a non-model *state*, and
+    :class:`CheckpointError` when the state cannot be coerced to *schema* or represented as JSON.
+    """
+    check_run_id(run_id)
+    check_step_id(step_id)
+    if not isinstance(state, BaseModel):
+        raise TypeError(f"state must be a pydantic BaseModel instance, got {type(state).__name__}")
+    model = type(state) if schema is None else check_schema(schema)
+    if type(state) is not model:
+        # Exact type: a subclass would store fields that *schema* may reject when loading.
+        state = _revalidate(state, model, run_id, step_id, action="write")
+    try:
+        payload = state.model_dump(mode="json", by_alias=True, round_trip=True)
+    except PydanticSerializationError as exc:
+        raise CheckpointError(
+            f"cannot write {record(run_id, step_id)}: {type(state).__name__} cannot be serialised to JSON ({exc})",
+            run_id=run_id,
+            node_id=step_id,
+        ) from exc
+    body = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "kind": KIND_STEP,
+        "run_id": run_id,
+        "step_id": step_id,
+        "saved_at": time.time(),
+        "schema": {"name": schema_name(model), "fingerprint": schema_fingerprint(model)},
+        "payload": payload,
+    }
+    return _seal(body, run_id, step_id)
+
+
+def encode_manifest(run_id: str, manifest: Mapping[str, Any]) -> str:
+    """Serialise a run manifest (a JSON object) into a sealed envelope.
+
+    Raises ``TypeError`` when *manifest* is not a mapping with ``str`` keys, and
+    :class:`CheckpointError` when a value is not representable as JSON.
+    """
+    check_run_id(run_id)
+    if not isinstance(manifest, Mapping) or not all(isinstance(key, str) for key in manifest):
+        raise TypeError("a run manifest must be a mapping with str keys (a JSON object)")
+    body = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "kind": KIND_MANIFEST,
+        "run_id": run_id,
+        "step_id": None,
+        "saved_at": time.time(),
+        "schema": None,
+        "payload": dict(manifest),
+    }
+    return _seal(body, run_id, None)
+
+
+# --- decoding ------------------------------------------------------------------------------------
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"duplicate key {key!r}")
+        result[key] = value
+    return result
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+def open_envelope(raw: str | bytes | bytearray, run_id: str, step_id: str | None) -> dict[str, Any]:
+    """Parse and verify stored text; return the envelope. Raises :class:`CheckpointError`.
+
+    Checks, in order: UTF-8, JSON, the envelope's shape and format, the format version, the
+    checksum, and that the envelope belongs to *run_id* / *step_id* (``None`` = the run manifest).
+    """
+
+    def fail(problem: str) -> CheckpointError:
+        return CheckpointError(
+            f"{record(run_id, step_id)} could not be loaded: as stored it {problem}. "
+            "Clear the run's checkpoints (CheckpointManager.clear) or restore the store from a backup.",
+            run_id=run_id,
+            node_id=step_id,
+        )
+
+    if isinstance(raw, (bytes, bytearray)):
+        try:
+            text = bytes(raw).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise fail("is not UTF-8 text (corrupt data)") from exc
+    else:
+        text = raw
+    try:
+        envelope = json.loads(text, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        raise fail(f"is not valid JSON (truncated or corrupt: {exc})") from exc
+    if not isinstance(envelope, dict) or envelope.get("format") != FORMAT:
+        raise fail("is not a Stroma checkpoint envelope (written by another program or an older Stroma)")
+    version = envelope.get("version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise fail("has no valid format version")
+    if version != FORMAT_VERSION:
+        raise fail(f"uses format version {version}; this Stroma reads version {FORMAT_VERSION}")
+    if set(envelope) != _ENVELOPE_FIELDS:
+        raise fail("has a malformed envelope (unexpected or missing fields)")
+    stored_checksum = envelope.pop("checksum")
+    try:
+        actual = _checksum(envelope)
+    except (TypeError, ValueError) as exc:  # e.g. lone surrogates from a str that was never UTF-8
+        raise fail("cannot be re-encoded for verification (corrupt text)") from exc
+    if stored_checksum != actual:
+        raise fail("fails its checksum: the stored data was modified or corrupted")
+    kind = KIND_MANIFEST if step_id is None else KIND_STEP
+    if envelope["kind"] != kind:
+        raise fail(f"is a {envelope['kind']!r} record where a {kind!r} record was expected")
+    if envelope["run_id"] != run_id or envelope["step_id"] != step_id:
+        raise fail(f"belongs to {_place(str(envelope['run_id']), envelope['step_id'])} (copied or misplaced data)")
+    return envelope
+
+
+def _stored_schema(envelope: Mapping[str, Any]) -> tuple[str, str]:
+    schema = envelope["schema"]
+    if isinstance(schema, dict) and isinstance(schema.get("name"), str) and isinstance(schema.get("fingerprint"), str):
+        return schema["name"], schema["fingerprint"]
+    return "", ""
+
+
+def summarize_validation_error(exc: ValidationError) -> str:
+    """``"field.path: message; …"`` without the offending values (they may be secrets)."""
+    errors = exc.errors(include_url=False, include_input=False, include_context=False)
+    parts = [
+        f"{'.'.join(str(part) for part in error['loc']) or '<root>'}: {error['msg']}"
+        for error in errors[:_MAX_ERRORS_IN_MESSAGE]
+    ]
+    if len(errors) > _MAX_ERRORS_IN_MESSAGE:
+        parts.append(f"and {len(errors) - _MAX_ERRORS_IN_MESSAGE} more")
+    return "; ".join(parts)
+
+
+def _revalidate(state: BaseModel, model: type[M], run_id: str, step_id: str, *, action: str) -> M:
+    try:
+        return model.model_validate_json(state.model_dump_json(by_alias=True, round_trip=True))
+    except (ValidationError, PydanticSerializationError) as exc:
+        detail = summarize_validation_error(exc) if isinstance(exc, ValidationError) else str(exc)
+        raise CheckpointError(
+            f"cannot {action} {record(run_id, step_id)}: a {type(state).__name__} "
+            f"does not validate as {model.__name__} ({detail})",
+            run_id=run_id,
+            node_id=step_id,
+        ) from exc
+
+
+def coerce_to_schema(state: BaseModel, schema: type[M], run_id: str, step_id: str) -> M:
+    """Return *state* as an instance of *schema*, revalidating through JSON if needed.
+
+    Used for results of third-party stores. Raises :class:`CheckpointError` when it does not validate.
+    """
+    if isinstance(state, schema):
+        return state
+    return _revalidate(state, schema, run_id, step_id, action="load")
+
+
+def decode_step(raw: str | bytes | bytearray, run_id: str, step_id: str, schema: type[M]) -> M:
+    """Verify stored text and validate its payload with the caller's *schema*.
+
+    Raises :class:`CheckpointError` when the envelope is corrupt, tampered with or misplaced, when
+    the schema fingerprint recorded at save time differs from *schema*'s (the step's output model
+    changed since the checkpoint was written), or when the payload does not validate.
+    """
+    check_schema(schema)
+    envelope = open_envelope(raw, run_id, step_id)
+    stored_name, stored_fingerprint = _stored_schema(envelope)
+    expected = schema_fingerprint(schema)
+    if stored_fingerprint != expected:
+        raise CheckpointError(
+            f"{record(run_id, step_id)} was written with schema {stored_name or '?'} "
+            f"({stored_fingerprint or 'no fingerprint'}) but is being loaded as {schema_name(schema)} "
+            f"({expected}); the step's output schema changed since it was saved. Resume with the code "
+            "that wrote it, or clear the run's checkpoints and start again.",
+            run_id=run_id,
+            node_id=step_id,
+        )
+    try:
+        return schema.model_validate_json(_canonical(envelope["payload"]))
+    except ValidationError as exc:
+        raise CheckpointError(
+            f"{record(run_id, step_id)} does not validate as {schema_name(schema)}: {summarize_validation_error(exc)}",
+            run_id=run_id,
+            node_id=step_id,
+        ) from exc
+
+
+def decode_untyped(raw: str | bytes | bytearray, run_id: str, step_id: str) -> CheckpointData:
+    """Verify stored text and return its payload as a :class:`CheckpointData` (no schema, no import).
+
+    Raises :class:`CheckpointError` as :func:`open_envelope` does, or when the payload is not a JSON
+    object (a ``RootModel``): such a checkpoint can only be loaded with its schema.
+    """
+    envelope = open_envelope(raw, run_id, step_id)
+    payload = envelope["payload"]
+    if not isinstance(payload, dict):
+        raise CheckpointError(
+            f"{record(run_id, step_id)} is not a JSON object and cannot be loaded "
+            "without its schema; use CheckpointManager.resume(run_id, step_id, Schema) or load_typed",
+            run_id=run_id,
+            node_id=step_id,
+        )
+    data = CheckpointData.model_validate(payload)
+    data._schema_name, data._schema_fingerprint = _stored_schema(envelope)
+    return data
+
+
+def decode_manifest(raw: str | bytes | bytearray, run_id: str) -> dict[str, Any]:
+    """Verify a stored manifest and return it as a ``dict``. Raises :class:`CheckpointError`."""
+    envelope = open_envelope(raw, run_id, None)
+    payload = envelope["payload"]
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"{record(run_id, None)} is not a JSON object", run_id=run_id, node_id=None)
+    return payload
