@@ -1,0 +1,444 @@
+"""Cost, tokens and latency: accounting, budgets and model fallback.
+
+* :class:`CostTracker` accumulates each step's usage (running totals, O(1) per query).
+* :class:`ExecutionBudget` caps a run's tokens, cost (USD) and latency (ms); the tracker raises
+  :class:`BudgetExceeded` when a limit is exceeded after an attempt (:meth:`CostTracker.check_budget`)
+  or already reached before one starts (:meth:`CostTracker.check_can_start`).
+* :class:`FallbackPolicy` switches a step to a cheaper model once spend crosses a share of the
+  cost budget (:func:`resolve_model`), or after a failed attempt of a given class.
+
+Overspend bound: an attempt only starts while every limit is still below its maximum, and its
+cost is known only once it returns, so a run overspends by at most the cost of the attempts
+that were already running when the limit was crossed (one attempt for a sequential run, one
+per concurrent step otherwise).
+
+Prices come from :mod:`stroma.pricing`; :data:`KNOWN_MODELS` and :func:`estimate_cost_usd` are
+the established entry points and are re-exported here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from stroma.errors import ConfigurationError, StromaError
+from stroma.failures import FailureClass, _configuration_error
+from stroma.pricing import KNOWN_MODELS, estimate_cost_usd
+
+__all__ = [
+    "KNOWN_MODELS",
+    "BudgetExceeded",
+    "CostTracker",
+    "ExecutionBudget",
+    "FallbackPolicy",
+    "ModelHint",
+    "NodeUsage",
+    "StepUsage",
+    "estimate_cost_usd",
+    "resolve_model",
+]
+
+Dimension = Literal["tokens", "cost", "latency"]
+
+_LIMIT_FIELDS: dict[str, str] = {
+    "tokens": "max_tokens_total",
+    "cost": "max_cost_usd",
+    "latency": "max_latency_ms",
+}
+
+
+class ExecutionBudget(BaseModel):
+    """Limits for one run. ``None`` means no limit on that dimension.
+
+    Args:
+        max_tokens_total: input + output tokens over the run (int >= 0).
+        max_cost_usd: USD over the run (finite, >= 0).
+        max_latency_ms: the run's wall-clock time in milliseconds (int >= 0).
+        unpriced: what to do when a model with no known price is used under a cost limit:
+            ``"warn"`` (default: the usage is marked unpriced, logged and reported) or
+            ``"fail"`` (the run stops as ``PARTIAL``: spend can no longer be enforced). The
+            step loop applies this policy; :class:`CostTracker` only records the flag.
+
+    A limit of 0 is allowed and means nothing may be spent: no attempt starts. Negative,
+    NaN, infinite or non-numeric limits raise :class:`~stroma.errors.ConfigurationError`
+    naming the setting. Budgets are immutable (note that pydantic's ``model_copy(update=...)``
+    skips validation; build a new budget instead).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_tokens_total: int | None = None
+    max_cost_usd: float | None = None
+    max_latency_ms: int | None = None
+    unpriced: Literal["warn", "fail"] = "warn"
+
+    def __init__(
+        self,
+        max_tokens_total: int | None = None,
+        max_cost_usd: float | None = None,
+        max_latency_ms: int | None = None,
+        unpriced: Literal["warn", "fail"] = "warn",
+    ) -> None:
+        try:
+            super().__init__(
+                max_tokens_total=max_tokens_total,
+                max_cost_usd=max_cost_usd,
+                max_latency_ms=max_latency_ms,
+                unpriced=unpriced,
+            )
+        except ValidationError as exc:
+            raise _configuration_error("ExecutionBudget", exc) from exc
+
+    @field_validator("max_tokens_total", "max_cost_usd", "max_latency_ms", mode="before")
+    @classmethod
+    def _no_bools(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError("must be a number or None, not a bool")
+        return value
+
+    @field_validator("max_tokens_total", "max_cost_usd", "max_latency_ms", mode="after")
+    @classmethod
+    def _non_negative(cls, value: float | None) -> float | None:
+        if value is not None and (not math.isfinite(value) or value < 0):
+            raise ValueError("must be a finite number >= 0 or None")
+        return value
+
+    @classmethod
+    def unlimited(cls) -> ExecutionBudget:
+        """A budget with no limits."""
+        return cls()
+
+    @property
+    def is_unlimited(self) -> bool:
+        """True when no dimension is limited."""
+        return self.max_tokens_total is None and self.max_cost_usd is None and self.max_latency_ms is None
+
+    def limit(self, dimension: Dimension) -> float | None:
+        """The limit of *dimension* (``"tokens"``, ``"cost"`` or ``"latency"``), or ``None``."""
+        value = getattr(self, _LIMIT_FIELDS[dimension])
+        return None if value is None else float(value)
+
+
+def _format_amount(dimension: str, value: float) -> str:
+    if dimension == "cost":
+        return f"${value:.6g}"
+    if dimension == "tokens":
+        return f"{value:,.0f} tokens"
+    if dimension == "latency":
+        return f"{value:,.0f} ms"
+    return f"{value:g}"
+
+
+class BudgetExceeded(StromaError):
+    """A run's budget is exhausted.
+
+    Attributes:
+        dimension: ``"tokens"``, ``"cost"`` (USD) or ``"latency"`` (milliseconds of wall clock).
+        limit: the budget's limit for that dimension.
+        actual: usage when the check failed (above the limit after an attempt; at or above it
+            when an attempt was about to start).
+        node_id: the step at which the check failed.
+
+    Never retried (the classifier makes it ``TERMINAL``): the run stops as ``PARTIAL`` and keeps
+    what it already paid for.
+    """
+
+    def __init__(self, dimension: Dimension, limit: float, actual: float, node_id: str) -> None:
+        self.dimension = dimension
+        self.limit = limit
+        self.actual = actual
+        self.node_id = node_id
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        setting = _LIMIT_FIELDS.get(self.dimension, self.dimension)
+        return (
+            f"{self.dimension} budget exhausted at step {self.node_id!r}: used "
+            f"{_format_amount(self.dimension, self.actual)} of a "
+            f"{_format_amount(self.dimension, self.limit)} limit. Raise ExecutionBudget.{setting} "
+            "(and resume the run) to continue."
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.dimension, self.limit, self.actual, self.node_id))
+
+
+@dataclass
+class NodeUsage:
+    """Resource usage of one step (one attempt, or the sum recorded for a step).
+
+    Attributes:
+        node_id: the step id.
+        tokens_used: input + output tokens.
+        cost_usd: cost in USD (0.0 when unpriced).
+        latency_ms: time spent, in milliseconds.
+        model: the model used, if any.
+        output_tokens: the output part of ``tokens_used``.
+        unpriced: tokens were used with no known price.
+    """
+
+    node_id: str
+    tokens_used: int
+    cost_usd: float
+    latency_ms: int
+    model: str | None = None
+    output_tokens: int = 0
+    unpriced: bool = False
+
+    @property
+    def input_tokens(self) -> int:
+        """``tokens_used - output_tokens``."""
+        return self.tokens_used - self.output_tokens
+
+
+StepUsage = NodeUsage
+
+
+class CostTracker:
+    """Accumulates usage per step and checks it against an :class:`ExecutionBudget`.
+
+    Recording adds to per-step entries and to running totals, so every total is O(1). Safe to
+    share between tasks, and between threads (recording takes a lock). Memory grows with the
+    number of distinct step ids and unpriced model names, not with the number of attempts.
+    """
+
+    def __init__(self) -> None:
+        self._usage: dict[str, NodeUsage] = {}
+        self._tokens = 0
+        self._output_tokens = 0
+        self._cost = 0.0
+        self._latency_ms = 0
+        self._unpriced_models: set[str] = set()
+        self._unpriced_count = 0
+        self._lock = threading.Lock()
+
+    def record(self, usage: NodeUsage) -> None:
+        """Add *usage* to its step's entry and to the run totals."""
+        with self._lock:
+            existing = self._usage.get(usage.node_id)
+            if existing is None:
+                self._usage[usage.node_id] = dataclasses.replace(usage)
+            else:
+                self._usage[usage.node_id] = NodeUsage(
+                    node_id=usage.node_id,
+                    tokens_used=existing.tokens_used + usage.tokens_used,
+                    cost_usd=existing.cost_usd + usage.cost_usd,
+                    latency_ms=existing.latency_ms + usage.latency_ms,
+                    model=usage.model or existing.model,
+                    output_tokens=existing.output_tokens + usage.output_tokens,
+                    unpriced=existing.unpriced or usage.unpriced,
+                )
+            self._tokens += usage.tokens_used
+            self._output_tokens += usage.output_tokens
+            self._cost += usage.cost_usd
+            self._latency_ms += usage.latency_ms
+            if usage.unpriced:
+                self._unpriced_count += 1
+                if usage.model:
+                    self._unpriced_models.add(usage.model)
+
+    # --- budget checks ---------------------------------------------------------------------
+
+    def check_budget(self, budget: ExecutionBudget, node_id: str, *, elapsed_ms: float | None = None) -> None:
+        """Raise :class:`BudgetExceeded` if a total now **exceeds** (>) its limit.
+
+        Called after an attempt is recorded. Latency is checked against *elapsed_ms* (the run's
+        wall-clock time) when given, else against the sum of recorded latencies. Dimensions
+        are checked in the order tokens, cost, latency. Unpriced usage counts as $0 here (see
+        :attr:`unpriced_count`; the step loop applies ``budget.unpriced``).
+        """
+        self._check(budget, node_id, elapsed_ms, at_limit=False)
+
+    def check_can_start(self, budget: ExecutionBudget, node_id: str, *, elapsed_ms: float | None = None) -> None:
+        """Raise :class:`BudgetExceeded` if a limit is already **reached** (>=).
+
+        Called before an attempt starts, so no call starts once a limit is reached; a limit of
+        0 blocks every call. Latency is measured as in :meth:`check_budget`.
+        """
+        self._check(budget, node_id, elapsed_ms, at_limit=True)
+
+    def _check(self, budget: ExecutionBudget, node_id: str, elapsed_ms: float | None, *, at_limit: bool) -> None:
+        latency = self._latency_ms if elapsed_ms is None else elapsed_ms
+        checks: tuple[tuple[Dimension, float | None, float], ...] = (
+            ("tokens", budget.max_tokens_total, self._tokens),
+            ("cost", budget.max_cost_usd, self._cost),
+            ("latency", budget.max_latency_ms, latency),
+        )
+        for dimension, limit, actual in checks:
+            if limit is not None and (actual >= limit if at_limit else actual > limit):
+                raise BudgetExceeded(dimension, float(limit), float(actual), node_id)
+
+    def utilization(self, budget: ExecutionBudget) -> float | None:
+        """Cost used / cost limit (``None`` without a cost limit; ``inf`` for spend on a 0 limit)."""
+        limit = budget.max_cost_usd
+        if limit is None:
+            return None
+        if limit == 0:
+            return 0.0 if self._cost == 0 else math.inf
+        return self._cost / limit
+
+    # --- totals ----------------------------------------------------------------------------
+
+    @property
+    def total_tokens(self) -> int:
+        """Input + output tokens over all steps."""
+        return self._tokens
+
+    @property
+    def total_output_tokens(self) -> int:
+        """Output tokens over all steps."""
+        return self._output_tokens
+
+    @property
+    def total_input_tokens(self) -> int:
+        """Input tokens over all steps."""
+        return self._tokens - self._output_tokens
+
+    @property
+    def total_cost_usd(self) -> float:
+        """USD over all steps (priced usage only)."""
+        return self._cost
+
+    @property
+    def total_latency_ms(self) -> int:
+        """Sum of recorded step latencies, in milliseconds (not the run's wall-clock time)."""
+        return self._latency_ms
+
+    @property
+    def unpriced_models(self) -> set[str]:
+        """Models used without a known price (a copy)."""
+        return set(self._unpriced_models)
+
+    @property
+    def unpriced_count(self) -> int:
+        """Recorded usages marked unpriced (including those without a model name)."""
+        return self._unpriced_count
+
+    def summary(self) -> dict[str, NodeUsage]:
+        """Usage per step id (copies: changing them does not change the tracker)."""
+        with self._lock:
+            return {node_id: dataclasses.replace(usage) for node_id, usage in self._usage.items()}
+
+    def cost_by_node(self) -> dict[str, float]:
+        """USD per step id."""
+        with self._lock:
+            return {node_id: usage.cost_usd for node_id, usage in self._usage.items()}
+
+
+@dataclass
+class ModelHint:
+    """A step's preferred model, optional fallback model and per-call token cap."""
+
+    node_id: str
+    preferred_model: str
+    fallback_model: str | None = None
+    max_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_tokens is not None and (
+            isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1
+        ):
+            raise ConfigurationError(
+                f"ModelHint.max_tokens for step {self.node_id!r} must be an integer >= 1 or None, "
+                f"got {self.max_tokens!r}"
+            )
+
+
+@dataclass(frozen=True)
+class FallbackPolicy:
+    """Use *fallback_model* instead of *preferred_model* when spend or failures call for it.
+
+    Args:
+        preferred_model: the model a step declares.
+        fallback_model: the model used instead (must differ).
+        at_budget_pct: share of ``max_cost_usd`` (0 < pct <= 1) from which :func:`resolve_model`
+            switches to the fallback. Needs a cost limit; without one this rule never fires.
+        on_failure: failure classes (``FailureClass`` members or their names) after which the
+            remaining attempts of a step use the fallback model; ``None`` (default) = never.
+
+    Raises :class:`~stroma.errors.ConfigurationError` naming the setting for empty or equal
+    model names, a share outside (0, 1], or an unknown failure class.
+    """
+
+    preferred_model: str
+    fallback_model: str
+    at_budget_pct: float = 0.80
+    on_failure: frozenset[FailureClass] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("preferred_model", "fallback_model"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.strip():
+                raise ConfigurationError(f"FallbackPolicy.{name} must be a non-empty string, got {value!r}")
+        if self.preferred_model == self.fallback_model:
+            raise ConfigurationError(
+                f"FallbackPolicy.fallback_model must differ from preferred_model, both are {self.preferred_model!r}"
+            )
+        pct = self.at_budget_pct
+        if isinstance(pct, bool) or not isinstance(pct, (int, float)) or not (0 < pct <= 1):
+            raise ConfigurationError(
+                f"FallbackPolicy.at_budget_pct must be a number with 0 < at_budget_pct <= 1, got {pct!r}"
+            )
+        object.__setattr__(self, "at_budget_pct", float(pct))
+        if self.on_failure is not None:
+            object.__setattr__(self, "on_failure", _failure_classes(self.on_failure))
+
+    def switches_on(self, failure_class: FailureClass) -> bool:
+        """Whether a failed attempt of *failure_class* moves the step to the fallback model."""
+        return self.on_failure is not None and failure_class in self.on_failure
+
+
+def _failure_classes(values: Any) -> frozenset[FailureClass]:
+    if isinstance(values, (str, FailureClass)):
+        values = (values,)
+    try:
+        items = list(values)
+    except TypeError:
+        raise ConfigurationError(
+            f"FallbackPolicy.on_failure must be a set of FailureClass values or None, got {values!r}"
+        ) from None
+    result: set[FailureClass] = set()
+    for item in items:
+        if isinstance(item, FailureClass):
+            result.add(item)
+            continue
+        try:
+            result.add(FailureClass(str(item).upper()))
+        except ValueError:
+            raise ConfigurationError(
+                f"FallbackPolicy.on_failure has an unknown failure class {item!r}; "
+                f"use {', '.join(m.value for m in FailureClass)}"
+            ) from None
+    return frozenset(result)
+
+
+def resolve_model(
+    declared_model: str | None,
+    tracker: CostTracker,
+    budget: ExecutionBudget,
+    fallbacks: Iterable[FallbackPolicy] | Mapping[Any, FallbackPolicy],
+) -> str | None:
+    """The model a step should use now, given spend so far (the budget-threshold rule).
+
+    The first policy whose ``preferred_model`` equals *declared_model* and whose
+    ``at_budget_pct`` is reached (``total_cost_usd / max_cost_usd >= at_budget_pct``) gives its
+    ``fallback_model``; otherwise *declared_model* is returned unchanged. Fallbacks do not
+    chain. ``None`` stays ``None``; without a cost limit nothing changes. The ``on_failure``
+    rule is applied by the step loop, not here.
+    """
+    if declared_model is None:
+        return None
+    utilization = tracker.utilization(budget)
+    if utilization is None:
+        return declared_model
+    policies = fallbacks.values() if isinstance(fallbacks, Mapping) else fallbacks
+    for policy in policies:
+        if policy.preferred_model == declared_model and utilization >= policy.at_budget_pct:
+            return policy.fallback_model
+    return declared_model
