@@ -21,6 +21,8 @@ Two rules shape this module:
 from __future__ import annotations
 
 import math
+import types
+import typing
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
@@ -245,13 +247,69 @@ class BoundaryValidator:
         return model
 
     def _check_values(self, node_id: str, direction: Direction, raw: Any, model: BaseModel) -> None:
-        if _scan_ok(model, self.max_depth, self.allow_non_finite):
+        plan = _scan_plan(type(model))
+        if plan is not None:
+            # The schema bounds the shape: only its float fields can hold NaN/inf, and nothing
+            # nests beyond the schema's own (non-recursive) structure.
+            if self.allow_non_finite or not plan:
+                return
+            values = model.__dict__
+            for name in plan:
+                value = values.get(name)
+                if type(value) is float and not math.isfinite(value):
+                    break
+            else:
+                return
+        elif _scan_ok(model, self.max_depth, self.allow_non_finite):
             return
         errors = _scan_errors(model, self.max_depth, self.allow_non_finite)
         raise ContractViolation(node_id, direction, raw, errors)
 
 
 _LEAF_TYPES: frozenset[type] = frozenset({str, int, bool, type(None), bytes})
+_plans: dict[type[BaseModel], tuple[str, ...] | None] = {}
+
+
+def _leaf_annotation(annotation: Any) -> bool:
+    """Whether values of *annotation* are leaves or flat containers of leaves (no float inside)."""
+    if annotation in _LEAF_TYPES:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin in (list, tuple, set, frozenset, dict, typing.Union, types.UnionType, Literal):
+        args = [a for a in typing.get_args(annotation) if a is not Ellipsis]
+        if origin is Literal:
+            return all(type(a) in _LEAF_TYPES for a in args)
+        return all(a in _LEAF_TYPES for a in args)
+    return False
+
+
+def _scan_plan(schema: type[BaseModel]) -> tuple[str, ...] | None:
+    """Per schema, once: the names of its ``float`` fields when every other field is a leaf or a
+    flat container of leaves (so only those fields need the finiteness check); ``None`` when the
+    schema can hold arbitrary nesting (nested models, ``Any``, ``dict[str, Any]``, extras, ...),
+    which then gets the full scan."""
+    try:
+        return _plans[schema]
+    except KeyError:
+        pass
+    floats: list[str] = []
+    plan: tuple[str, ...] | None
+    if schema.model_config.get("extra") == "allow":
+        plan = None
+    else:
+        plan = ()
+        for name, info in schema.model_fields.items():
+            annotation = info.annotation
+            if annotation is float:
+                floats.append(name)
+            elif not _leaf_annotation(annotation):
+                plan = None
+                break
+        if plan is not None:
+            plan = tuple(floats)
+    if len(_plans) < 4096:
+        _plans[schema] = plan
+    return plan
 
 
 def _child_items(value: Any) -> list[tuple[str | int, Any]] | None:

@@ -18,7 +18,6 @@ the established entry points and are re-exported here.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import threading
 from collections.abc import Iterable, Mapping
@@ -209,7 +208,8 @@ class CostTracker:
     """
 
     def __init__(self) -> None:
-        self._usage: dict[str, NodeUsage] = {}
+        # per step: [tokens_used, cost_usd, latency_ms, model, output_tokens, unpriced]
+        self._usage: dict[str, list[Any]] = {}
         self._tokens = 0
         self._output_tokens = 0
         self._cost = 0.0
@@ -220,28 +220,47 @@ class CostTracker:
 
     def record(self, usage: NodeUsage) -> None:
         """Add *usage* to its step's entry and to the run totals."""
+        self.add(
+            usage.node_id,
+            tokens_used=usage.tokens_used,
+            output_tokens=usage.output_tokens,
+            cost_usd=usage.cost_usd,
+            latency_ms=usage.latency_ms,
+            model=usage.model,
+            unpriced=usage.unpriced,
+        )
+
+    def add(
+        self,
+        node_id: str,
+        *,
+        tokens_used: int,
+        output_tokens: int,
+        cost_usd: float,
+        latency_ms: int,
+        model: str | None,
+        unpriced: bool,
+    ) -> None:
+        """:meth:`record` without building a :class:`NodeUsage` (the step loop's hot path)."""
         with self._lock:
-            existing = self._usage.get(usage.node_id)
-            if existing is None:
-                self._usage[usage.node_id] = dataclasses.replace(usage)
+            entry = self._usage.get(node_id)
+            if entry is None:
+                self._usage[node_id] = [tokens_used, cost_usd, latency_ms, model, output_tokens, unpriced]
             else:
-                self._usage[usage.node_id] = NodeUsage(
-                    node_id=usage.node_id,
-                    tokens_used=existing.tokens_used + usage.tokens_used,
-                    cost_usd=existing.cost_usd + usage.cost_usd,
-                    latency_ms=existing.latency_ms + usage.latency_ms,
-                    model=usage.model or existing.model,
-                    output_tokens=existing.output_tokens + usage.output_tokens,
-                    unpriced=existing.unpriced or usage.unpriced,
-                )
-            self._tokens += usage.tokens_used
-            self._output_tokens += usage.output_tokens
-            self._cost += usage.cost_usd
-            self._latency_ms += usage.latency_ms
-            if usage.unpriced:
+                entry[0] += tokens_used
+                entry[1] += cost_usd
+                entry[2] += latency_ms
+                entry[3] = model or entry[3]
+                entry[4] += output_tokens
+                entry[5] = entry[5] or unpriced
+            self._tokens += tokens_used
+            self._output_tokens += output_tokens
+            self._cost += cost_usd
+            self._latency_ms += latency_ms
+            if unpriced:
                 self._unpriced_count += 1
-                if usage.model:
-                    self._unpriced_models.add(usage.model)
+                if model:
+                    self._unpriced_models.add(model)
 
     # --- budget checks ---------------------------------------------------------------------
 
@@ -323,12 +342,23 @@ class CostTracker:
     def summary(self) -> dict[str, NodeUsage]:
         """Usage per step id (copies: changing them does not change the tracker)."""
         with self._lock:
-            return {node_id: dataclasses.replace(usage) for node_id, usage in self._usage.items()}
+            return {
+                node_id: NodeUsage(
+                    node_id=node_id,
+                    tokens_used=entry[0],
+                    cost_usd=entry[1],
+                    latency_ms=entry[2],
+                    model=entry[3],
+                    output_tokens=entry[4],
+                    unpriced=entry[5],
+                )
+                for node_id, entry in self._usage.items()
+            }
 
     def cost_by_node(self) -> dict[str, float]:
         """USD per step id."""
         with self._lock:
-            return {node_id: usage.cost_usd for node_id, usage in self._usage.items()}
+            return {node_id: entry[1] for node_id, entry in self._usage.items()}
 
 
 @dataclass

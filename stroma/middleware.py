@@ -131,6 +131,7 @@ class ReliabilityContext:
     run_logger: logging.LoggerAdapter[logging.Logger] = field(init=False)
     started_perf: float = field(init=False, default_factory=time.perf_counter)
     records: list[SpanRecord] = field(init=False, default_factory=list)
+    keep_records: bool = field(init=False, default=False)
     breaches: list[BudgetExceeded] = field(init=False, default_factory=list)
     cost_by_step: dict[str, float] = field(init=False, default_factory=dict)
     input_tokens: int = field(init=False, default=0)
@@ -146,6 +147,8 @@ class ReliabilityContext:
     def __post_init__(self) -> None:
         self.run_logger = logging.LoggerAdapter(logger, {"run_id": self.run_id})
         self.gate = BudgetGate(self.budget)
+        # Span records are kept for the run sinks (the local run store) only.
+        self.keep_records = sinks.has_run_sinks()
 
     def spent(self) -> tuple[float, int]:
         """``(cost in USD, tokens)`` spent by this run so far."""
@@ -371,7 +374,8 @@ class ReliabilityContext:
         self.step_count += 1
         record.end_ns = time.time_ns()
         self.telemetry.finish(record)
-        self.records.append(record)
+        if self.keep_records:
+            self.records.append(record)
         return self.result(RunStatus.COMPLETED, output)
 
     # --- hooks -------------------------------------------------------------------------------
@@ -500,7 +504,8 @@ async def _run_step(step: _Step, func: Callable[..., Any], input_state: Any) -> 
 
     if contract is not None:
         ctx.registry.ensure(contract)
-    telemetry.capture(record, n.STEP_INPUT, input_state)
+    if telemetry.capture_content:
+        telemetry.capture(record, n.STEP_INPUT, input_state)
 
     validated_input: Any = input_state
     input_error: ContractViolation | None = None
@@ -509,7 +514,6 @@ async def _run_step(step: _Step, func: Callable[..., Any], input_state: Any) -> 
             validated_input = ctx.registry.validate_input(step_id, input_state)
         except ContractViolation as violation:
             input_error = violation
-    input_dump = _dump(validated_input)
 
     pass_context = _step_io.accepts_context(func)
     timeout_ms = ctx.step_timeouts.get(step_id)
@@ -579,7 +583,7 @@ async def _run_step(step: _Step, func: Callable[..., Any], input_state: Any) -> 
             failure = exc
         except BaseException as exc:
             arecord.fail(_error_type(exc), "interrupted")
-            _finish_attempt(step, arecord, usage, model, started, validated_input, input_dump, None, None)
+            _finish_attempt(step, arecord, usage, model, started, validated_input, None, None)
             raise
         finally:
             _step_io.exit_attempt(usage_token)
@@ -588,8 +592,7 @@ async def _run_step(step: _Step, func: Callable[..., Any], input_state: Any) -> 
         # --- after the attempt -----------------------------------------------------------------
         if failure is None:
             arecord.attributes[n.CONTRACT_OUTCOME] = n.CONTRACT_VALID if contract is not None else "unchecked"
-            output_dump = _dump(output_model)
-            _finish_attempt(step, arecord, usage, model, started, validated_input, input_dump, output_dump, None)
+            _finish_attempt(step, arecord, usage, model, started, validated_input, output_model, None)
             breach = None
             if check_budget:
                 try:
@@ -597,13 +600,16 @@ async def _run_step(step: _Step, func: Callable[..., Any], input_state: Any) -> 
                 except BudgetExceeded as exc:
                     breach = exc
             await _checkpoint(step, output_model)
-            telemetry.capture(record, n.STEP_OUTPUT, output_model)
+            if telemetry.capture_content:
+                telemetry.capture(record, n.STEP_OUTPUT, output_model)
             if breach is not None:
                 return _breach(step, breach, output_model)
             if check_budget and _unpriced_stop(step):
                 return _stop(step, RunStatus.PARTIAL, output_model, _UNPRICED_MESSAGE)
             if ctx.hooks.on_node_success is not None:
-                await ctx.call_hook("on_node_success", step_id, output_dump, usage.input_tokens + usage.output_tokens)
+                await ctx.call_hook(
+                    "on_node_success", step_id, _dump(output_model), usage.input_tokens + usage.output_tokens
+                )
             _finish_step(step)
             return ctx.result(RunStatus.COMPLETED, output_model)
 
@@ -624,9 +630,7 @@ async def _run_step(step: _Step, func: Callable[..., Any], input_state: Any) -> 
                 n.EVENT_CONTRACT_VIOLATION,
                 {n.CONTRACT_DIRECTION: failure.direction, "stroma.contract.error_count": len(failure.errors)},
             )
-        _finish_attempt(
-            step, arecord, usage, model, started, validated_input, input_dump, None, (failure_class, failure)
-        )
+        _finish_attempt(step, arecord, usage, model, started, validated_input, None, (failure_class, failure))
         step.failures.append((usage.model or model, error_type))
         if ctx.hooks.on_node_failure is not None:
             await ctx.call_hook("on_node_failure", step_id, failure, failure_class)
@@ -748,12 +752,11 @@ def _finish_attempt(
     usage: _step_io.AttemptUsage,
     selected_model: str | None,
     started: float,
-    validated_input: Any,
-    input_dump: dict[str, Any],
-    output_dump: dict[str, Any] | None,
+    input_state: Any,
+    output_state: Any,
     failed: tuple[FailureClass, Exception] | None,
 ) -> None:
-    """Charge the attempt's usage, end its span and append its :class:`TraceEvent`."""
+    """Charge the attempt's usage, end its span and append its :class:`TraceEvent` (deferred)."""
     ctx = step.ctx
     model = usage.model or selected_model
     if model is not None and step.fallback is not None and model == step.fallback.preferred_model:
@@ -775,16 +778,14 @@ def _finish_attempt(
         if model is not None:
             attrs[n.MODEL] = model
             step.attempt_models.append(model)
-        ctx.cost_tracker.record(
-            NodeUsage(
-                node_id=step.step_id,
-                tokens_used=in_tok + out_tok,
-                cost_usd=cost,
-                latency_ms=duration_ms,
-                model=model,
-                output_tokens=out_tok,
-                unpriced=unpriced,
-            )
+        ctx.cost_tracker.add(
+            step.step_id,
+            tokens_used=in_tok + out_tok,
+            cost_usd=cost,
+            latency_ms=duration_ms,
+            model=model,
+            output_tokens=out_tok,
+            unpriced=unpriced,
         )
         step.input_tokens += in_tok
         step.output_tokens += out_tok
@@ -801,30 +802,71 @@ def _finish_attempt(
         ctx.gate.leave(cost, in_tok + out_tok)
     arecord.end_ns = time.time_ns()
     ctx.telemetry.finish(arecord)
-    ctx.records.append(arecord)
-    failure_class, exc = failed if failed is not None else (None, None)
-    ctx.trace.append(
-        TraceEvent(
-            node_id=step.step_id,
-            run_id=ctx.run_id,
-            attempt=int(attrs[n.STEP_ATTEMPT_NUMBER]),
-            timestamp_utc=datetime.fromtimestamp(arecord.start_ns / 1e9, tz=timezone.utc),
-            input_state=input_dump,
-            output_state=output_dump,
-            duration_ms=duration_ms,
-            failure=failure_class,
-            failure_message=None if exc is None else str(exc),
-            model=model,
-            input_tokens=in_tok,
-            output_tokens=out_tok,
-            cost_usd=cost,
-            unpriced=unpriced,
-            retry_delay_s=float(attrs[n.STEP_RETRY_DELAY]),
-            error_type=arecord.error_type,
-            trace_id=arecord.trace_id,
-            span_id=arecord.span_id,
+    if ctx.keep_records:
+        ctx.records.append(arecord)
+    if failed is None:
+        ctx.trace.append_deferred(
+            _AttemptEvent(ctx.run_id, arecord, input_state, output_state, duration_ms, None, None)
         )
-    )
+    else:
+        failure_class, exc = failed
+        ctx.trace.append_deferred(
+            _AttemptEvent(ctx.run_id, arecord, input_state, output_state, duration_ms, failure_class, str(exc))
+        )
+
+
+class _AttemptEvent:
+    """An attempt's :class:`TraceEvent`, built from its span record when the trace is read.
+
+    States are dumped at build time; a step that mutates its input or output model in place
+    after returning would show the mutation (steps should not, and pydantic models returned by
+    the loop are not mutated by Stroma).
+    """
+
+    __slots__ = ("duration_ms", "failure", "failure_message", "input_state", "output_state", "record", "run_id")
+
+    def __init__(
+        self,
+        run_id: str,
+        record: SpanRecord,
+        input_state: Any,
+        output_state: Any,
+        duration_ms: int,
+        failure: FailureClass | None,
+        failure_message: str | None,
+    ) -> None:
+        self.run_id = run_id
+        self.record = record
+        self.input_state = input_state
+        self.output_state = output_state
+        self.duration_ms = duration_ms
+        self.failure = failure
+        self.failure_message = failure_message
+
+    def build(self) -> TraceEvent:
+        record = self.record
+        attrs = record.attributes
+        output = self.output_state
+        return TraceEvent(
+            node_id=str(attrs[n.STEP_ID]),
+            run_id=self.run_id,
+            attempt=int(attrs[n.STEP_ATTEMPT_NUMBER]),
+            timestamp_utc=datetime.fromtimestamp(record.start_ns / 1e9, tz=timezone.utc),
+            input_state=_dump(self.input_state),
+            output_state=None if output is None else _dump(output),
+            duration_ms=self.duration_ms,
+            failure=self.failure,
+            failure_message=self.failure_message,
+            model=attrs.get(n.MODEL),  # type: ignore[arg-type]
+            input_tokens=int(attrs.get(n.USAGE_INPUT_TOKENS, 0)),
+            output_tokens=int(attrs.get(n.USAGE_OUTPUT_TOKENS, 0)),
+            cost_usd=float(attrs.get(n.COST_AMOUNT, 0.0)),
+            unpriced=bool(attrs.get(n.COST_UNPRICED, False)),
+            retry_delay_s=float(attrs[n.STEP_RETRY_DELAY]),
+            error_type=record.error_type,
+            trace_id=record.trace_id,
+            span_id=record.span_id,
+        )
 
 
 def _finish_step(step: _Step) -> None:
@@ -840,7 +882,8 @@ def _finish_step(step: _Step) -> None:
         attrs[n.MODEL] = step.attempt_models[-1]
     record.end_ns = time.time_ns()
     ctx.telemetry.finish(record)
-    ctx.records.append(record)
+    if ctx.keep_records:
+        ctx.records.append(record)
     ctx.telemetry.record_step(ctx.workflow_name, record, step.retried)
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
 from functools import lru_cache
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import TypeAdapter, ValidationError
 from pydantic_core import to_jsonable_python
@@ -134,6 +134,10 @@ def _event_to_jsonable(event: TraceEvent) -> dict[str, Any]:
     return data
 
 
+class _DeferredEvent(Protocol):
+    def build(self) -> TraceEvent: ...
+
+
 class ExecutionTrace:
     """The attempts of a run, in the order they were recorded.
 
@@ -143,15 +147,37 @@ class ExecutionTrace:
     """
 
     def __init__(self, events: Iterable[TraceEvent] = ()) -> None:
-        self._events: list[TraceEvent] = list(events)
+        self._items: list[Any] = list(events)
+        self._pending = 0
+
+    @property
+    def _events(self) -> list[TraceEvent]:
+        # Events recorded by the step loop are built on first read: the loop appends a cheap
+        # record of the attempt, and the TraceEvent (with its state dumps) is made from it only
+        # when someone looks at the trace.
+        if self._pending:
+            items = self._items
+            for index, item in enumerate(items):
+                if not isinstance(item, TraceEvent):
+                    items[index] = item.build()
+            self._pending = 0
+        return self._items
+
+    def append_deferred(self, pending: _DeferredEvent) -> None:
+        """Append an event that is built from *pending* (``.build() -> TraceEvent``) when first read."""
+        self._items.append(pending)
+        self._pending += 1
+
+    def __len__(self) -> int:
+        return len(self._items)
 
     def append(self, event: TraceEvent) -> None:
         """Add an event at the end."""
-        self._events.append(event)
+        self._items.append(event)
 
     def extend(self, events: Iterable[TraceEvent]) -> None:
         """Add events at the end, in order."""
-        self._events.extend(events)
+        self._items.extend(events)
 
     def events_for(self, node_id: str) -> list[TraceEvent]:
         """Every attempt of *node_id*, in order (all its calls)."""
@@ -164,9 +190,6 @@ class ExecutionTrace:
     def replay(self) -> Iterator[TraceEvent]:
         """The events in recorded order."""
         return iter(list(self._events))
-
-    def __len__(self) -> int:
-        return len(self._events)
 
     def __iter__(self) -> Iterator[TraceEvent]:
         return iter(self._events)
