@@ -90,6 +90,57 @@ def _resource() -> Any:
     return Resource.create(attributes)
 
 
+_EXPORTER_LOGGERS = (
+    "opentelemetry.exporter.otlp.proto.http._common",
+    "opentelemetry.exporter.otlp.proto.http.trace_exporter",
+    "opentelemetry.exporter.otlp.proto.http.metric_exporter",
+    "opentelemetry.exporter.otlp.proto.grpc.exporter",
+    "opentelemetry.exporter.otlp.proto.grpc.trace_exporter",
+    "opentelemetry.exporter.otlp.proto.grpc.metric_exporter",
+    "opentelemetry.sdk._shared_internal",
+)
+
+
+class OncePerWindow(logging.Filter):
+    """Lets each distinct exporter message through once per *window_s* seconds.
+
+    A collector that is down makes the OTLP exporters log every retry of every batch; with this
+    filter the first of each kind is logged and the rest are counted (``suppressed``) until the
+    window passes. Installed on the OpenTelemetry exporter loggers when Stroma builds exporters
+    of its own.
+    """
+
+    def __init__(self, window_s: float = 60.0) -> None:
+        super().__init__()
+        self.window_s = window_s
+        self._last: dict[tuple[str, str], float] = {}
+        self.suppressed = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        import time
+
+        key = (record.name, str(record.msg)[:60])
+        now = time.monotonic()
+        last = self._last.get(key)
+        if last is not None and now - last < self.window_s:
+            self.suppressed += 1
+            return False
+        if len(self._last) > 256:
+            self._last.clear()
+        self._last[key] = now
+        return True
+
+
+exporter_log_filter = OncePerWindow()
+
+
+def _quiet_exporter_logs() -> None:
+    for name in _EXPORTER_LOGGERS:
+        target = logging.getLogger(name)
+        if exporter_log_filter not in target.filters:
+            target.addFilter(exporter_log_filter)
+
+
 @dataclass
 class _Private:
     tracer_provider: Any
@@ -109,7 +160,10 @@ def _build_private(*, force_export: bool = False) -> _Private:
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
     resource = _resource()
-    tracer_provider = SdkTracerProvider(resource=resource)
+    # Shut down by Stroma's own exit hook, with a deadline (the SDK's may hang on a dead collector).
+    tracer_provider = SdkTracerProvider(resource=resource, shutdown_on_exit=False)
+    if force_export or otlp_endpoint_configured("TRACES") or otlp_endpoint_configured("METRICS"):
+        _quiet_exporter_logs()
     exporting = False
     if force_export or otlp_endpoint_configured("TRACES"):
         tracer_provider.add_span_processor(BatchSpanProcessor(_span_exporter()))
@@ -118,8 +172,21 @@ def _build_private(*, force_export: bool = False) -> _Private:
     if force_export or otlp_endpoint_configured("METRICS"):
         readers.append(PeriodicExportingMetricReader(_metric_exporter()))
         exporting = True
-    meter_provider = SdkMeterProvider(resource=resource, metric_readers=readers)
+    meter_provider = SdkMeterProvider(resource=resource, metric_readers=readers, shutdown_on_exit=False)
+    _register_exit_hook()
     return _Private(tracer_provider, meter_provider, exporting)
+
+
+_exit_hook_registered = False
+
+
+def _register_exit_hook() -> None:
+    global _exit_hook_registered
+    if not _exit_hook_registered:
+        import atexit
+
+        atexit.register(shutdown, 5.0)
+        _exit_hook_registered = True
 
 
 def private_providers() -> tuple[Any, Any]:
