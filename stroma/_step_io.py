@@ -34,7 +34,8 @@ class AttemptUsage:
 @dataclass
 class _AttemptScope:
     usage: AttemptUsage
-    model: str | None
+    preferred: str | None
+    fallback: str | None
 
 
 _current: ContextVar[_AttemptScope | None] = ContextVar("stroma_attempt", default=None)
@@ -61,21 +62,27 @@ def report_usage(input_tokens: int = 0, output_tokens: int = 0, model: str | Non
 
 
 def current_model(default: str | None = None) -> str | None:
-    """The model the running step should call: the fallback model once a fallback is active,
-    otherwise *default*. Outside a step it returns *default*.
+    """The model the running step should call.
 
-    The same value is in the step's context dict under ``"_stroma_model"`` (the established
-    API), for steps that take a second parameter.
+    Once a :class:`~stroma.cost.FallbackPolicy` applies (its budget threshold is crossed, or
+    the step failed with a class it names), this returns its ``fallback_model`` when *default*
+    is its ``preferred_model`` or ``None``; any other *default* is returned unchanged (a step on
+    another model is not affected). Outside a step it returns *default*.
+
+    The fallback model is also in the step's context dict under ``"_stroma_model"`` (the
+    established API), for steps that take a second parameter.
     """
     scope = _current.get()
-    if scope is None or scope.model is None:
+    if scope is None or scope.fallback is None:
         return default
-    return scope.model
+    if default is None or default == scope.preferred:
+        return scope.fallback
+    return default
 
 
-def enter_attempt(model: str | None) -> tuple[AttemptUsage, object]:
+def enter_attempt(preferred: str | None, fallback: str | None) -> tuple[AttemptUsage, object]:
     usage = AttemptUsage()
-    token = _current.set(_AttemptScope(usage, model))
+    token = _current.set(_AttemptScope(usage, preferred, fallback))
     return usage, token
 
 

@@ -164,8 +164,12 @@ class ReliabilityContext:
         """A fresh context for one run of *config* (counters, trace and records start empty).
 
         ``config.context`` is shared with the steps as given (the established behaviour);
-        everything else is per run.
+        everything else is per run. Setting ``STROMA_RUN_STORE`` turns the local run store on
+        (:mod:`stroma.runstore`) for the runs created from then on.
         """
+        from stroma.runstore import enable_from_env
+
+        enable_from_env()
         return cls(
             run_id=config.run_id,
             registry=registry,
@@ -421,6 +425,8 @@ class _Step:
         "ctx",
         "failures",
         "fallback",
+        "fallback_reason",
+        "fallback_recorded",
         "input_tokens",
         "output_tokens",
         "record",
@@ -442,6 +448,8 @@ class _Step:
         self.retried: list[tuple[str, str]] = []
         self.failures: list[tuple[str | None, str]] = []
         self.fallback: FallbackPolicy | None = None
+        self.fallback_reason = n.FALLBACK_REASON_BUDGET
+        self.fallback_recorded = False
         self.attempt_models: list[str] = []
         self.attempts = 0
         self.cost = 0.0
@@ -544,7 +552,7 @@ async def _run_step(step: _Step, func: Callable[..., Any], input_state: Any) -> 
             if gate is not None:
                 gate.release()
             return _stop(step, RunStatus.PARTIAL, input_state, f"run deadline of {ctx.run_timeout_ms} ms passed")
-        model = _choose_model(step)
+        fallback = _choose_model(step)
 
         arecord = SpanRecord(
             n.SPAN_ATTEMPT,
@@ -556,7 +564,10 @@ async def _run_step(step: _Step, func: Callable[..., Any], input_state: Any) -> 
         started = time.perf_counter()
         telemetry.start(arecord)
         attempt_token = telemetry.set_current(arecord)
-        usage, usage_token = _step_io.enter_attempt(model)
+        if fallback is None:
+            usage, usage_token = _step_io.enter_attempt(None, None)
+        else:
+            usage, usage_token = _step_io.enter_attempt(fallback.preferred_model, fallback.fallback_model)
         output_model: Any = None
         failure: Exception | None = None
         try:
@@ -583,7 +594,7 @@ async def _run_step(step: _Step, func: Callable[..., Any], input_state: Any) -> 
             failure = exc
         except BaseException as exc:
             arecord.fail(_error_type(exc), "interrupted")
-            _finish_attempt(step, arecord, usage, model, started, validated_input, None, None)
+            _finish_attempt(step, arecord, usage, started, validated_input, None, None)
             raise
         finally:
             _step_io.exit_attempt(usage_token)
@@ -592,7 +603,7 @@ async def _run_step(step: _Step, func: Callable[..., Any], input_state: Any) -> 
         # --- after the attempt -----------------------------------------------------------------
         if failure is None:
             arecord.attributes[n.CONTRACT_OUTCOME] = n.CONTRACT_VALID if contract is not None else "unchecked"
-            _finish_attempt(step, arecord, usage, model, started, validated_input, output_model, None)
+            _finish_attempt(step, arecord, usage, started, validated_input, output_model, None)
             breach = None
             if check_budget:
                 try:
@@ -630,8 +641,8 @@ async def _run_step(step: _Step, func: Callable[..., Any], input_state: Any) -> 
                 n.EVENT_CONTRACT_VIOLATION,
                 {n.CONTRACT_DIRECTION: failure.direction, "stroma.contract.error_count": len(failure.errors)},
             )
-        _finish_attempt(step, arecord, usage, model, started, validated_input, None, (failure_class, failure))
-        step.failures.append((usage.model or model, error_type))
+        _finish_attempt(step, arecord, usage, started, validated_input, None, (failure_class, failure))
+        step.failures.append((usage.model, error_type))
         if ctx.hooks.on_node_failure is not None:
             await ctx.call_hook("on_node_failure", step_id, failure, failure_class)
         if isinstance(failure, BudgetExceeded):
@@ -644,7 +655,7 @@ async def _run_step(step: _Step, func: Callable[..., Any], input_state: Any) -> 
             status = RunStatus.FAILED if failure_class is FailureClass.TERMINAL else RunStatus.PARTIAL
             return _stop(step, status, input_state, _failure_message(step, failure), cls=failure_class)
 
-        _maybe_error_fallback(step, failure_class, usage.model or model)
+        _maybe_error_fallback(step, failure_class, usage.model)
         delays = policy_delays.get(failure_class)
         if delays is None:
             delays = policy_delays[failure_class] = policy.delays()
@@ -680,11 +691,13 @@ def _attempt_timeout(ctx: ReliabilityContext, timeout_ms: int | None) -> float |
     return timeout
 
 
-def _choose_model(step: _Step) -> str | None:
-    """The model for the next attempt: a fallback once one applies, else ``None`` (the step's own).
+def _choose_model(step: _Step) -> FallbackPolicy | None:
+    """The fallback policy that applies to the next attempt, if any.
 
-    Sets ``ctx.context["_stroma_model"]`` as the established API did, and records a fallback on
-    the step span the first time it applies.
+    A budget-threshold policy applies once the run's cost crossed ``at_budget_pct`` of the cost
+    limit; an error policy once an attempt of this step failed with a class it names. Sets
+    ``ctx.context["_stroma_model"]`` as the established API did. Whether a fallback *happened*
+    is decided after the attempt, from the model it used (:func:`_note_fallback`).
     """
     ctx = step.ctx
     policy = step.fallback
@@ -692,15 +705,15 @@ def _choose_model(step: _Step) -> str | None:
         used = ctx.total_cost / ctx.budget.max_cost_usd
         for candidate in ctx.model_fallbacks:
             if not candidate.on_failure and used >= candidate.at_budget_pct:
-                policy = candidate
-                _record_fallback(step, candidate, n.FALLBACK_REASON_BUDGET)
+                policy = step.fallback = candidate
+                step.fallback_reason = n.FALLBACK_REASON_BUDGET
                 break
     if policy is None:
         if ctx.model_fallbacks:
             ctx.context.pop("_stroma_model", None)
         return None
     ctx.context["_stroma_model"] = policy.fallback_model
-    return policy.fallback_model
+    return policy
 
 
 def _maybe_error_fallback(step: _Step, failure_class: FailureClass, model: str | None) -> None:
@@ -709,23 +722,39 @@ def _maybe_error_fallback(step: _Step, failure_class: FailureClass, model: str |
     for candidate in step.ctx.model_fallbacks:
         on_failure = candidate.on_failure
         if on_failure and failure_class in on_failure and (model is None or model == candidate.preferred_model):
-            _record_fallback(step, candidate, n.FALLBACK_REASON_ERROR)
+            step.fallback = candidate
+            step.fallback_reason = n.FALLBACK_REASON_ERROR
             return
 
 
-def _record_fallback(step: _Step, policy: FallbackPolicy, reason: str) -> None:
-    step.fallback = policy
-    attrs: dict[str, AttributeValue] = {
-        n.FALLBACK_FROM_MODEL: policy.preferred_model,
-        n.FALLBACK_TO_MODEL: policy.fallback_model,
-        n.FALLBACK_REASON: reason,
-        n.FALLBACK_THRESHOLD: float(policy.at_budget_pct),
-    }
-    step.record.attributes.update(attrs)
-    step.record.add_event(n.EVENT_FALLBACK, attrs)
-    step.ctx.run_logger.info(
-        "step %s falls back from %s to %s (%s)", step.step_id, policy.preferred_model, policy.fallback_model, reason
-    )
+def _note_fallback(step: _Step, model: str | None) -> str | None:
+    """Record the fallback on the step span when the attempt's *model* shows it happened.
+
+    It happened when the attempt used the fallback model, or asked for the preferred one while
+    the policy applied (then it is charged at the fallback's price, as the established
+    ``resolve_model()`` did). Returns the model to charge.
+    """
+    policy = step.fallback
+    if policy is None or model is None or model not in (policy.preferred_model, policy.fallback_model):
+        return model
+    if not step.fallback_recorded:
+        step.fallback_recorded = True
+        attrs: dict[str, AttributeValue] = {
+            n.FALLBACK_FROM_MODEL: policy.preferred_model,
+            n.FALLBACK_TO_MODEL: policy.fallback_model,
+            n.FALLBACK_REASON: step.fallback_reason,
+            n.FALLBACK_THRESHOLD: float(policy.at_budget_pct),
+        }
+        step.record.attributes.update(attrs)
+        step.record.add_event(n.EVENT_FALLBACK, attrs)
+        step.ctx.run_logger.info(
+            "step %s falls back from %s to %s (%s)",
+            step.step_id,
+            policy.preferred_model,
+            policy.fallback_model,
+            step.fallback_reason,
+        )
+    return policy.fallback_model
 
 
 def _note_unpriced(ctx: ReliabilityContext, model: str) -> None:
@@ -750,7 +779,6 @@ def _finish_attempt(
     step: _Step,
     arecord: SpanRecord,
     usage: _step_io.AttemptUsage,
-    selected_model: str | None,
     started: float,
     input_state: Any,
     output_state: Any,
@@ -758,11 +786,7 @@ def _finish_attempt(
 ) -> None:
     """Charge the attempt's usage, end its span and append its :class:`TraceEvent` (deferred)."""
     ctx = step.ctx
-    model = usage.model or selected_model
-    if model is not None and step.fallback is not None and model == step.fallback.preferred_model:
-        # The step asked for the preferred model after the fallback applied: it is charged at
-        # the fallback's price, as the established resolve_model() did.
-        model = step.fallback.fallback_model
+    model = _note_fallback(step, usage.model)
     in_tok, out_tok = usage.input_tokens, usage.output_tokens
     cost, priced = cost_usd(model, in_tok, out_tok)
     unpriced = not priced

@@ -460,3 +460,32 @@ async def test_budget_worth_three_and_a_half_calls(concurrency: int) -> None:
     assert ctx.total_cost - 3.5 * call_cost <= call_cost
     assert sum(r.status is RunStatus.COMPLETED for r in results) == 3
     assert all(r.status is RunStatus.PARTIAL for r in results if r.status is not RunStatus.COMPLETED)
+
+
+async def test_budget_fallback_only_touches_steps_on_the_preferred_model(capture: TelemetryCapture) -> None:
+    from stroma.pricing import price_for
+
+    price = price_for("gpt-4o")
+    assert price is not None
+    ctx = ctx_for(
+        capture,
+        budget=ExecutionBudget(max_cost_usd=price.cost(1000, 0) * 1.5),
+        model_fallbacks=[FallbackPolicy(preferred_model="gpt-4o", fallback_model="gpt-4o-mini", at_budget_pct=0.5)],
+    )
+    seen = []
+
+    async def on(model_default: str) -> Any:
+        async def step(doc: Doc) -> Any:
+            model = current_model(model_default)
+            seen.append(model)
+            return {"summary": "s"}, 10, 0, model
+
+        return step
+
+    await execute_step("summarize", await on("gpt-4o"), Doc(text="a"), ctx, contract=CONTRACT)
+    ctx.total_cost = price.cost(1000, 0)  # past the threshold
+    await execute_step("summarize", await on("claude-haiku-4-5"), Doc(text="b"), ctx, contract=CONTRACT)
+    await execute_step("summarize", await on("gpt-4o"), Doc(text="c"), ctx, contract=CONTRACT)
+    assert seen == ["gpt-4o", "claude-haiku-4-5", "gpt-4o-mini"]
+    steps = capture.spans_named("step")
+    assert [n.FALLBACK_TO_MODEL in (s.attributes or {}) for s in steps] == [False, False, True]

@@ -292,11 +292,6 @@ def test_summary_to_dict_is_json(tmp_path: Path) -> None:
     assert {"status", "duration_s", "cost_usd", "total_tokens", "started_at", "budget"} <= set(data)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs stroma.runstore.enable_from_env() called where runs are created "
-    "(ReliabilityContext.for_run); remove this marker once core calls it",
-)
 async def test_setting_the_environment_variable_alone_keeps_runs(
     tmp_path: Path, capture: TelemetryCapture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
