@@ -51,8 +51,7 @@ from stroma.failures import (
 )
 from stroma.middleware import ReliabilityContext, StromaStep, execute_step
 from stroma.pricing import KNOWN_MODELS, estimate_cost_usd
-
-# RUNNER-IMPORT from stroma.runner import StromaRunner, parallel, stroma_node, stroma_step
+from stroma.runner import StromaRunner, parallel, stroma_node, stroma_step
 from stroma.telemetry.settings import TelemetrySettings
 from stroma.trace import ExecutionResult, ExecutionTrace, RunStatus, TraceEvent
 

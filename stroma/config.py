@@ -13,8 +13,8 @@ A configuration is a value: change it with :meth:`RunConfig.replace`, which vali
 from __future__ import annotations
 
 import math
+import os
 import re
-import uuid
 import warnings
 from collections.abc import Awaitable, Callable, Iterable
 from contextvars import ContextVar
@@ -70,8 +70,8 @@ _defer_warnings: ContextVar[bool] = ContextVar("stroma_defer_config_warnings", d
 
 
 def new_run_id() -> str:
-    """A fresh random run id (32 hex digits)."""
-    return uuid.uuid4().hex
+    """A fresh random run id: 32 hex digits (128 random bits, like a UUID4's hex form)."""
+    return os.urandom(16).hex()
 
 
 def check_run_id(value: object, *, setting: str = "RunConfig.run_id") -> str:
@@ -264,6 +264,8 @@ class RunConfig(BaseModel):
 
         The message lists the unknown ids, the setting, and the known ids.
         """
+        if not (self.node_policies or self.node_timeouts or self.resume_from is not None):
+            return
         known = list(dict.fromkeys(step_ids))
         known_set = set(known)
         for setting, keys in (
