@@ -53,7 +53,7 @@ def promtool() -> Promtool:
     if configured:
         return Promtool(Path(configured))
     try:
-        # the same unpacked Debian programs the native stack (stroma/stack.py) runs
+        # the same unpacked Debian programs the native stack (stroma/stack/) runs
         return Promtool(Path(_tools_module().prometheus_program("promtool")))
     except RuntimeError as exc:  # no Debian mirror reachable: say so, do not skip silently
         pytest.fail(f"promtool is needed for these tests and could not be unpacked: {exc}")
