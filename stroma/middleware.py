@@ -374,7 +374,8 @@ class ReliabilityContext:
         self.input_tokens += int(input_tokens)
         self.output_tokens += int(output_tokens)
         self.total_cost += float(cost_usd)
-        self.cost_by_step[step_id] = self.cost_by_step.get(step_id, 0.0) + float(cost_usd)
+        if input_tokens or output_tokens or cost_usd:
+            self.cost_by_step[step_id] = self.cost_by_step.get(step_id, 0.0) + float(cost_usd)
         self.step_count += 1
         record.end_ns = time.time_ns()
         self.telemetry.finish(record)
@@ -578,7 +579,11 @@ async def _run_step(step: _Step, func: Callable[..., Any], input_state: Any) -> 
             outcome = func(validated_input, ctx.context) if pass_context else func(validated_input)
             if inspect.isawaitable(outcome):
                 if attempt_timeout is not None:
-                    outcome = await asyncio.wait_for(outcome, attempt_timeout)
+                    try:
+                        outcome = await asyncio.wait_for(outcome, attempt_timeout)
+                    except asyncio.TimeoutError as exc:
+                        # on 3.10 asyncio's TimeoutError is not the builtin one classifiers test for
+                        raise TimeoutError(f"step {step_id!r} timed out after {attempt_timeout:.3f} s") from exc
                 else:
                     outcome = await outcome
             raw_output, in_tok, out_tok, declared_model = _step_io.unpack_output(step_id, outcome)
@@ -671,6 +676,14 @@ async def _run_step(step: _Step, func: Callable[..., Any], input_state: Any) -> 
                     step_id,
                 )
                 return _breach(step, late, input_state)
+        if ctx.run_timeout_ms is not None and delay * 1000 >= ctx.run_timeout_ms - _elapsed_ms(ctx.started_perf):
+            return _stop(
+                step,
+                RunStatus.PARTIAL,
+                input_state,
+                f"run deadline of {ctx.run_timeout_ms} ms would pass during the retry delay; "
+                f"last error: {_failure_message(step, failure)}",
+            )
         if delay > 0:
             sleep = _sleep_override.get() or asyncio.sleep
             await sleep(delay)
