@@ -174,6 +174,13 @@ class CheckpointManager:
     async def _call(self, name: str, *args: Any, action: str, run_id: str, step_id: str | None) -> Any:
         method = getattr(self._store, name)
         try:
+            if not self._blocking and not inspect.iscoroutinefunction(method):
+                # An in-process store answers at once: no thread, and no timeout timer (a cancelled
+                # timer holds its context, the current span included, until the loop runs again).
+                result = method(*args)
+                if not inspect.isawaitable(result):
+                    return result
+                return await self._bounded(result, action, run_id, step_id)
             return await self._bounded(self._invoke(method, args), action, run_id, step_id)
         except CheckpointError:
             raise

@@ -1,12 +1,8 @@
-"""Fixtures for the checkpoint tests: a real redis-server, and every store behind one harness."""
+"""Fixtures for the checkpoint tests: every store behind one harness (Redis: ``tests/conftest.py``)."""
 
 from __future__ import annotations
 
-import os
-import socket
 import sqlite3
-import subprocess
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -14,9 +10,8 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from checkpoint_support import Harness, free_port
+from checkpoint_support import Harness
 
-from stroma._tools import debian_env, redis_server
 from stroma.checkpoint import (
     AsyncInMemoryStore,
     AsyncSQLiteStore,
@@ -25,65 +20,6 @@ from stroma.checkpoint import (
     SQLiteStore,
     SyncRedisStore,
 )
-
-REDIS_START_TIMEOUT = 15.0
-
-
-def _ping(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
-@pytest.fixture(scope="session")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real redis-server on a free loopback port, no persistence, stopped by PID at the end."""
-    try:
-        binary = redis_server()
-    except Exception as exc:  # no binary and no apt: cannot run here
-        pytest.skip(f"redis-server is not available: {exc}")
-    workdir = tmp_path_factory.mktemp("redis")
-    port = free_port()
-    log_path = workdir / "redis.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [
-                str(binary),
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(workdir),
-                "--daemonize",
-                "no",
-            ],
-            env=debian_env(),
-            cwd=workdir,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        deadline = time.monotonic() + REDIS_START_TIMEOUT
-        while not _ping(port):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"redis-server did not start: {log_path.read_text(errors='replace')[-2000:]}")
-            time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        os.kill(process.pid, 15)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.kill(process.pid, 9)
-            process.wait(timeout=10)
 
 
 @pytest.fixture

@@ -1,16 +1,9 @@
-"""Fixtures for the runner tests: span capture, pipeline models, and the checkpoint tests' Redis.
-
-The ``redis_url`` fixture is the one of ``tests/checkpoint/conftest.py`` (a real ``redis-server``
-on a free loopback port, stopped by PID), loaded from there rather than copied.
-"""
+"""Fixtures for the runner tests: span capture, stores (Redis: ``tests/conftest.py``)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -18,25 +11,6 @@ from runner_support import STORE_KINDS
 
 from stroma.checkpoint import AsyncInMemoryStore, AsyncSQLiteStore, CheckpointManager, InMemoryStore, SQLiteStore
 from stroma.testing import TelemetryCapture, no_retry_sleep
-
-_CHECKPOINT_TESTS = Path(__file__).resolve().parent.parent / "checkpoint"
-
-
-def _load_checkpoint_conftest() -> Any:
-    name = "_stroma_checkpoint_conftest"
-    if name in sys.modules:
-        return sys.modules[name]
-    if str(_CHECKPOINT_TESTS) not in sys.path:
-        sys.path.insert(0, str(_CHECKPOINT_TESTS))  # for its `checkpoint_support` import
-    spec = importlib.util.spec_from_file_location(name, _CHECKPOINT_TESTS / "conftest.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-redis_url = _load_checkpoint_conftest().redis_url
 
 
 @pytest.fixture
