@@ -40,8 +40,8 @@ from pydantic import BaseModel, ValidationError
 
 from stroma._pipeline import Plan
 from stroma.checkpoint import CheckpointManager
+from stroma.context import ReliabilityContext
 from stroma.errors import CheckpointError, PipelineChangedError
-from stroma.middleware import ReliabilityContext
 from stroma.trace import ExecutionResult, ExecutionTrace, RunStatus
 
 logger = logging.getLogger("stroma")

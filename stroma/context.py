@@ -1,0 +1,363 @@
+"""The per-run state of the reliability loop: :class:`ReliabilityContext`.
+
+A context bundles what :func:`~stroma.middleware.execute_step` needs for one run (registry,
+checkpoints, budget, policies, hooks, telemetry) and what the run has done so far (totals, the
+trace, span records). It can open the run span (:meth:`ReliabilityContext.as_run`) and assembles
+the run's :class:`~stroma.trace.ExecutionResult` (:meth:`ReliabilityContext.build_result`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from stroma._admission import BudgetGate
+from stroma.contracts import ContractRegistry
+from stroma.cost import BudgetExceeded, CostTracker, ExecutionBudget, FallbackPolicy, NodeUsage
+from stroma.failures import Classifier, PolicyMap, RetryBudget
+from stroma.telemetry import names as n
+from stroma.telemetry import sinks
+from stroma.telemetry.records import SpanRecord
+from stroma.telemetry.runtime import Telemetry, get_telemetry
+from stroma.trace import ExecutionResult, ExecutionTrace, RunStatus
+
+if TYPE_CHECKING:
+    from stroma.checkpoint import CheckpointManager
+    from stroma.config import NodeHooks, RunConfig
+
+logger = logging.getLogger("stroma")
+
+
+def error_type_name(exc: BaseException) -> str:
+    cls = type(exc)
+    module = cls.__module__
+    if module in ("builtins", "asyncio.exceptions"):
+        return cls.__qualname__
+    if module.startswith("stroma."):
+        return f"stroma.{cls.__qualname__}"
+    return f"{module}.{cls.__qualname__}"
+
+
+def elapsed_ms(started: float) -> int:
+    return int((time.perf_counter() - started) * 1000)
+
+
+@dataclass(eq=False)
+class ReliabilityContext:
+    """Everything the loop needs for one run, threaded through whatever drives the steps.
+
+    Create it with :meth:`for_run` (or let :class:`~stroma.runner.StromaRunner` do it). A
+    context may be used as a run span of its own with :meth:`as_run`; without it, the steps of
+    a freestanding context nest under whatever span is current.
+
+    The records of finished steps and attempts are kept here, not in any global registry, and
+    are released by :meth:`build_result`; nothing outlives the context.
+    """
+
+    run_id: str
+    registry: ContractRegistry
+    checkpoint_manager: CheckpointManager | None
+    cost_tracker: CostTracker
+    retry_budget: RetryBudget
+    trace: ExecutionTrace
+    budget: ExecutionBudget
+    policy_map: PolicyMap
+    step_policies: dict[str, PolicyMap]
+    classifiers: list[Classifier]
+    step_timeouts: dict[str, int]
+    model_fallbacks: list[FallbackPolicy]
+    hooks: NodeHooks
+    context: dict[str, Any]
+    workflow_name: str = "pipeline"
+    run_timeout_ms: int | None = None
+    telemetry: Telemetry = field(default_factory=get_telemetry)
+    run_logger: logging.LoggerAdapter[logging.Logger] = field(init=False)
+    started_perf: float = field(init=False, default_factory=time.perf_counter)
+    records: list[SpanRecord] = field(init=False, default_factory=list)
+    keep_records: bool = field(init=False, default=False)
+    breaches: list[BudgetExceeded] = field(init=False, default_factory=list)
+    cost_by_step: dict[str, float] = field(init=False, default_factory=dict)
+    input_tokens: int = field(init=False, default=0)
+    output_tokens: int = field(init=False, default=0)
+    total_cost: float = field(init=False, default=0.0)
+    unpriced_models: set[str] = field(init=False, default_factory=set)
+    step_count: int = field(init=False, default=0)
+    run_record: SpanRecord | None = field(init=False, default=None)
+    finished: bool = field(init=False, default=False)
+    _hook_faults: set[str] = field(init=False, default_factory=set)
+    gate: BudgetGate = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.run_logger = logging.LoggerAdapter(logger, {"run_id": self.run_id})
+        self.gate = BudgetGate(self.budget)
+        # Span records are kept for the run sinks (the local run store) only.
+        self.keep_records = sinks.has_run_sinks()
+
+    def spent(self) -> tuple[float, int]:
+        """``(cost in USD, tokens)`` spent by this run so far."""
+        return self.total_cost, self.input_tokens + self.output_tokens
+
+    @classmethod
+    def for_run(
+        cls,
+        config: RunConfig,
+        registry: ContractRegistry,
+        checkpoint_manager: CheckpointManager | None,
+    ) -> ReliabilityContext:
+        """A fresh context for one run of *config* (counters, trace and records start empty).
+
+        ``config.context`` is shared with the steps as given (the established behaviour);
+        everything else is per run. Setting ``STROMA_RUN_STORE`` turns the local run store on
+        (:mod:`stroma.runstore`) for the runs created from then on.
+        """
+        from stroma.runstore import enable_from_env
+
+        enable_from_env()
+        return cls(
+            run_id=config.run_id,
+            registry=registry,
+            checkpoint_manager=checkpoint_manager,
+            cost_tracker=CostTracker(),
+            retry_budget=RetryBudget(),
+            trace=ExecutionTrace(),
+            budget=config.budget,
+            policy_map=config.policy_map,
+            step_policies=config.node_policies,
+            classifiers=config.classifiers,
+            step_timeouts=config.node_timeouts,
+            model_fallbacks=config.model_fallbacks,
+            hooks=config.hooks,
+            context=config.context,
+            workflow_name=config.workflow_name,
+            run_timeout_ms=config.run_timeout_ms,
+            telemetry=get_telemetry(config.telemetry),
+        )
+
+    # --- the run span ------------------------------------------------------------------------
+
+    @contextmanager
+    def as_run(self, *, links: list[Any] | None = None, resumed_from: str | None = None) -> Iterator[SpanRecord]:
+        """Open the run span (``run {workflow}``) and make it current while the block runs.
+
+        Steps executed inside nest under it. :meth:`build_result` inside the block ends it with
+        the run's status and totals; leaving the block by an exception ends it as failed
+        (the exception propagates). *links* (OpenTelemetry ``Link`` objects) point at the run a
+        resumed run continues.
+        """
+        attributes: dict[str, Any] = {
+            n.RUN_ID: self.run_id,
+            n.GEN_AI_OPERATION_NAME: n.OPERATION_INVOKE_WORKFLOW,
+            n.GEN_AI_WORKFLOW_NAME: self.workflow_name,
+        }
+        if resumed_from is not None:
+            attributes[n.RUN_RESUMED_FROM] = resumed_from
+        record = SpanRecord(n.SPAN_RUN, f"{n.SPAN_RUN} {self.workflow_name}", attributes, time.time_ns())
+        self.run_record = record
+        self.started_perf = time.perf_counter()
+        self.telemetry.start(record, links)
+        token = self.telemetry.set_current(record)
+        try:
+            yield record
+        except BaseException as exc:
+            if not self.finished:
+                record.fail(error_type_name(exc), "run interrupted")
+                self._end_run(RunStatus.FAILED)
+            raise
+        finally:
+            self.telemetry.reset_current(token)
+            if not self.finished:
+                self._end_run(RunStatus.FAILED)
+
+    def _end_run(self, status: RunStatus) -> None:
+        record = self.run_record
+        if record is None or record.end_ns is not None:
+            return
+        attrs = record.attributes
+        attrs[n.RUN_STATUS] = status.otel_value
+        attrs[n.RUN_COST_AMOUNT] = float(self.total_cost)
+        attrs[n.RUN_USAGE_INPUT_TOKENS] = int(self.input_tokens)
+        attrs[n.RUN_USAGE_OUTPUT_TOKENS] = int(self.output_tokens)
+        attrs[n.RUN_STEP_COUNT] = int(self.step_count)
+        utilization = self._budget_attributes(attrs)
+        for breach in self.breaches:
+            record.add_event(n.EVENT_BUDGET_EXCEEDED, breach_attributes(breach))
+        if status is RunStatus.FAILED and record.error_type is None:
+            record.fail("stroma.RunFailed", "a step failed")
+        record.end_ns = time.time_ns()
+        self.telemetry.finish(record)
+        self.telemetry.record_run(self.workflow_name, record, status.otel_value, utilization)
+
+    def _budget_attributes(self, attrs: dict[str, Any]) -> float | None:
+        budget = self.budget
+        utilization = None
+        if budget.max_cost_usd is not None:
+            attrs[n.BUDGET_COST_LIMIT] = float(budget.max_cost_usd)
+            attrs[n.BUDGET_COST_USAGE] = float(self.total_cost)
+            if budget.max_cost_usd > 0:
+                utilization = float(self.total_cost / budget.max_cost_usd)
+                attrs[n.BUDGET_COST_UTILIZATION] = utilization
+        if budget.max_tokens_total is not None:
+            attrs[n.BUDGET_TOKEN_LIMIT] = int(budget.max_tokens_total)
+            attrs[n.BUDGET_TOKEN_USAGE] = int(self.input_tokens + self.output_tokens)
+        if budget.max_latency_ms is not None:
+            attrs[n.BUDGET_DURATION_LIMIT] = float(budget.max_latency_ms) / 1000.0
+            attrs[n.BUDGET_DURATION_USAGE] = time.perf_counter() - self.started_perf
+        return utilization
+
+    # --- results -----------------------------------------------------------------------------
+
+    def result(
+        self,
+        status: RunStatus,
+        final_state: Any,
+        *,
+        error: str | None = None,
+        failed_step: str | None = None,
+    ) -> ExecutionResult:
+        """The run's result so far, without ending the run (what each step call returns)."""
+        run = self.run_record
+        return ExecutionResult(
+            run_id=self.run_id,
+            status=status,
+            final_state=final_state,
+            trace=self.trace,
+            total_cost_usd=self.total_cost,
+            total_tokens=self.input_tokens + self.output_tokens,
+            input_tokens=self.input_tokens,
+            output_tokens=self.output_tokens,
+            unpriced_models=tuple(sorted(self.unpriced_models)),
+            error=error,
+            failed_step=failed_step,
+            budget_exceeded=self.breaches[0] if self.breaches else None,
+            cost_by_step=dict(self.cost_by_step),
+            trace_id=run.trace_id if run is not None else None,
+        )
+
+    def build_result(
+        self,
+        status: RunStatus,
+        final_state: Any,
+        *,
+        error: str | None = None,
+        failed_step: str | None = None,
+    ) -> ExecutionResult:
+        """The run's final :class:`~stroma.trace.ExecutionResult`, assembled from its records.
+
+        Each attempt span became one :class:`~stroma.trace.TraceEvent` of ``result.trace``;
+        totals are those of the step spans. Ends the run span (if :meth:`as_run` opened one)
+        with *status*, and releases the run's span records: after this the context holds no
+        per-step data beyond the trace returned to the caller.
+        """
+        result = self.result(status, final_state, error=error, failed_step=failed_step)
+        if not self.finished:
+            self._end_run(status)
+            self.finished = True
+            if sinks.has_run_sinks():
+                budget = self.budget
+                run_records = (self.run_record,) if self.run_record is not None else ()
+                sinks.emit(
+                    sinks.FinishedRun(
+                        run_id=self.run_id,
+                        workflow_name=self.workflow_name,
+                        status=status.otel_value,
+                        total_cost_usd=self.total_cost,
+                        input_tokens=self.input_tokens,
+                        output_tokens=self.output_tokens,
+                        error=error,
+                        records=(*run_records, *self.records),
+                        budget=budget.model_dump(),
+                    )
+                )
+            self.records.clear()
+        return result
+
+    def restore_step(
+        self,
+        step_id: str,
+        output: Any,
+        *,
+        cost_usd: float = 0.0,
+        input_tokens: int = 0,
+        output_tokens: int = 0,
+        model: str | None = None,
+    ) -> ExecutionResult:
+        """Account for a step that already completed in an earlier run of this run id.
+
+        Adds a ``step`` span marked ``stroma.step.skipped`` with a ``stroma.checkpoint.restored``
+        event and no attempts. Its usage counts in this run's totals and budget (the money was
+        spent on this run) but not in the metrics again (they were counted when it ran).
+        """
+        record = SpanRecord(
+            n.SPAN_STEP,
+            f"{n.SPAN_STEP} {step_id}",
+            {n.STEP_ID: step_id, n.RUN_ID: self.run_id, n.STEP_SKIPPED: True, n.STEP_ATTEMPT_COUNT: 0},
+            time.time_ns(),
+            self.run_record,
+        )
+        self.telemetry.start(record)
+        attrs = record.attributes
+        attrs[n.STEP_COST_AMOUNT] = float(cost_usd)
+        attrs[n.STEP_USAGE_INPUT_TOKENS] = int(input_tokens)
+        attrs[n.STEP_USAGE_OUTPUT_TOKENS] = int(output_tokens)
+        if model is not None:
+            attrs[n.MODEL] = model
+        store_kind = getattr(self.checkpoint_manager, "store_kind", "custom")
+        record.add_event(n.EVENT_CHECKPOINT_RESTORED, {n.CHECKPOINT_STORE: store_kind})
+        if input_tokens or output_tokens or cost_usd:
+            self.cost_tracker.record(
+                NodeUsage(
+                    node_id=step_id,
+                    tokens_used=int(input_tokens) + int(output_tokens),
+                    cost_usd=float(cost_usd),
+                    latency_ms=0,
+                    model=model,
+                    output_tokens=int(output_tokens),
+                )
+            )
+        self.input_tokens += int(input_tokens)
+        self.output_tokens += int(output_tokens)
+        self.total_cost += float(cost_usd)
+        if input_tokens or output_tokens or cost_usd:
+            self.cost_by_step[step_id] = self.cost_by_step.get(step_id, 0.0) + float(cost_usd)
+        self.step_count += 1
+        record.end_ns = time.time_ns()
+        self.telemetry.finish(record)
+        if self.keep_records:
+            self.records.append(record)
+        return self.result(RunStatus.COMPLETED, output)
+
+    # --- hooks -------------------------------------------------------------------------------
+
+    async def call_hook(self, name: str, *args: Any) -> None:
+        """Run hook *name* if set; a hook's ``Exception`` is logged once and ignored."""
+        hook = getattr(self.hooks, name, None)
+        if hook is None:
+            return
+        try:
+            outcome = hook(self.run_id, *args)
+            if inspect.isawaitable(outcome):
+                await outcome
+        except Exception as exc:
+            if name not in self._hook_faults:
+                self._hook_faults.add(name)
+                self.run_logger.warning(
+                    "hook %s raised %s; ignored (the step's outcome is unchanged; later faults of this "
+                    "hook in this run are not logged)",
+                    name,
+                    error_type_name(exc),
+                    exc_info=exc,
+                )
+
+
+def breach_attributes(breach: BudgetExceeded) -> dict[str, Any]:
+    return {
+        n.BUDGET_DIMENSION: breach.dimension,
+        n.BUDGET_LIMIT: float(breach.limit),
+        n.BUDGET_USAGE: float(breach.actual),
+        n.STEP_ID: breach.node_id,
+    }
