@@ -56,7 +56,6 @@ Sleep = Callable[[float], Awaitable[None]]
 _sleep_override: ContextVar[Sleep | None] = ContextVar("stroma_sleep", default=None)
 
 
-
 @contextmanager
 def retry_sleep(sleep: Sleep) -> Iterator[None]:
     """Use *sleep* instead of ``asyncio.sleep`` for retry delays within this context.

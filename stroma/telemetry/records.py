@@ -39,10 +39,9 @@ class SpanRecord:
         "output_state",
         "parent",
         "span",
-        "span_id",
+        "span_context",
         "start_ns",
         "status_description",
-        "trace_id",
     )
 
     def __init__(
@@ -64,10 +63,21 @@ class SpanRecord:
         self.parent = parent
         self.span: Any = None
         self.exported = 0
-        self.trace_id: str | None = None
-        self.span_id: str | None = None
+        self.span_context: Any = None
         self.input_state: Any = None
         self.output_state: Any = None
+
+    @property
+    def trace_id(self) -> str | None:
+        """The span's trace id as 32 hex digits, or ``None`` without a (valid) span."""
+        context = self.span_context
+        return None if context is None else format(context.trace_id, "032x")
+
+    @property
+    def span_id(self) -> str | None:
+        """The span's id as 16 hex digits, or ``None`` without a (valid) span."""
+        context = self.span_context
+        return None if context is None else format(context.span_id, "016x")
 
     @property
     def duration_s(self) -> float:

@@ -17,8 +17,10 @@ from collections.abc import Mapping
 from itertools import islice
 from typing import Any
 
-from opentelemetry import trace as trace_api
+from opentelemetry.context import attach as _attach
+from opentelemetry.context import detach as _detach
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+from opentelemetry.trace import set_span_in_context as _set_span_in_context
 
 from stroma._version import __version__
 from stroma.telemetry import names as n
@@ -134,10 +136,9 @@ class Telemetry:
             )
             record.span = span
             record.exported = len(record.attributes)
-            ctx = span.get_span_context()
-            if ctx.is_valid:
-                record.trace_id = format(ctx.trace_id, "032x")
-                record.span_id = format(ctx.span_id, "016x")
+            span_context = span.get_span_context()
+            if span_context.is_valid:
+                record.span_context = span_context
         except Exception as exc:
             faults.report("span start", exc)
 
@@ -169,18 +170,14 @@ class Telemetry:
         span = record.span
         if span is None:
             return None
-        from opentelemetry import context as context_api
-
-        return context_api.attach(trace_api.set_span_in_context(span))
+        return _attach(_set_span_in_context(span))
 
     @staticmethod
     def reset_current(token: object | None) -> None:
         if token is None:
             return
-        from opentelemetry import context as context_api
-
         try:
-            context_api.detach(token)  # type: ignore[arg-type]
+            _detach(token)  # type: ignore[arg-type]
         except Exception as exc:
             faults.report("context detach", exc)
 
