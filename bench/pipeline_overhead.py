@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import os
 import statistics
 import sys
 import time
@@ -52,7 +51,6 @@ from stroma.config import new_run_id
 from stroma.runner import StromaRunner, stroma_node
 from stroma.telemetry import TelemetrySettings
 from stroma.telemetry import names as n
-from stroma.telemetry import reset as reset_telemetry
 
 
 class Question(BaseModel):
@@ -228,11 +226,10 @@ async def rate(body: Callable[[], Awaitable[Any]], runs: int) -> float:
 async def measure(runs: int, rounds: int) -> dict[str, float]:
     tracer_provider, meter_provider = providers()
     settings = TelemetrySettings(tracer_provider=tracer_provider, meter_provider=meter_provider)
-    os.environ["OTEL_SDK_DISABLED"] = "true"
-    reset_telemetry()
-    untraced = make_runner(None, None)
-    os.environ.pop("OTEL_SDK_DISABLED")
-    reset_telemetry()
+    # Telemetry is resolved when a run starts, so "off" is given as the setting that
+    # OTEL_SDK_DISABLED=true turns into (setting the variable around the runner's construction
+    # would be undone before its runs start).
+    untraced = make_runner(TelemetrySettings(enabled=False), None)
     variants: dict[str, Callable[[], Awaitable[Any]]] = {
         "floor (3 x validation pair + 7 SDK spans)": make_floor(tracer_provider, None),
         "core loop, hand-sequenced": make_loop(settings),
