@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -245,18 +246,29 @@ def install_global() -> None:
     metrics_api.set_meter_provider(meter_provider)
 
 
-def _shutdown_pair(tracer_provider: Any, meter_provider: Any, *, timeout_s: float) -> bool:
-    def work() -> None:
-        for provider in (tracer_provider, meter_provider):
-            try:
-                provider.shutdown()
-            except Exception:  # exporting never fails the caller
-                logger.warning("telemetry shutdown failed", exc_info=True)
+def _within(timeout_s: float, what: str, *calls: Callable[[], object]) -> bool:
+    """Run *calls* on a daemon thread and wait at most *timeout_s*; ``True`` if they finished.
 
-    worker = threading.Thread(target=work, name="stroma-telemetry-shutdown", daemon=True)
+    The SDK's own flush and shutdown timeouts are not always enforced (a dead collector can hold
+    them for the exporter's whole retry schedule), so Stroma puts its own deadline around them.
+    A call that raises is logged and the next one still runs (exporting never fails the caller).
+    """
+
+    def work() -> None:
+        for call in calls:
+            try:
+                call()
+            except Exception:
+                logger.warning("telemetry %s failed", what, exc_info=True)
+
+    worker = threading.Thread(target=work, name=f"stroma-telemetry-{what}", daemon=True)
     worker.start()
     worker.join(timeout_s)
     return not worker.is_alive()
+
+
+def _shutdown_pair(tracer_provider: Any, meter_provider: Any, *, timeout_s: float) -> bool:
+    return _within(timeout_s, "shutdown", tracer_provider.shutdown, meter_provider.shutdown)
 
 
 def flush(timeout_s: float = 5.0) -> bool:
@@ -265,21 +277,16 @@ def flush(timeout_s: float = 5.0) -> bool:
     Returns ``False`` when the deadline passed first (the exporter keeps trying in the
     background until its own timeout).
     """
-    if _private is None:
-        return True
     private = _private
-
-    def work() -> None:
-        try:
-            private.tracer_provider.force_flush(int(timeout_s * 1000))
-            private.meter_provider.force_flush(int(timeout_s * 1000))
-        except Exception:
-            logger.warning("telemetry flush failed", exc_info=True)
-
-    worker = threading.Thread(target=work, name="stroma-telemetry-flush", daemon=True)
-    worker.start()
-    worker.join(timeout_s)
-    return not worker.is_alive()
+    if private is None:
+        return True
+    millis = int(timeout_s * 1000)
+    return _within(
+        timeout_s,
+        "flush",
+        lambda: private.tracer_provider.force_flush(millis),
+        lambda: private.meter_provider.force_flush(millis),
+    )
 
 
 def shutdown(timeout_s: float = 5.0) -> bool:

@@ -266,49 +266,13 @@ class Telemetry:
                     1,
                 )
             for name, attrs in step.events:
-                if name == n.EVENT_FALLBACK:
-                    sums.add(
-                        n.METRIC_FALLBACKS,
-                        (
-                            n.WORKFLOW,
-                            workflow,
-                            n.STEP_ID,
-                            step_id,
-                            n.FALLBACK_REASON,
-                            str(attrs.get(n.FALLBACK_REASON, "")),
-                            n.FALLBACK_FROM_MODEL,
-                            str(attrs.get(n.FALLBACK_FROM_MODEL, "")),
-                            n.FALLBACK_TO_MODEL,
-                            str(attrs.get(n.FALLBACK_TO_MODEL, "")),
-                        ),
-                        1,
-                    )
-                elif name == n.EVENT_BUDGET_EXCEEDED:
-                    sums.add(
-                        n.METRIC_BUDGET_BREACHES,
-                        (
-                            n.WORKFLOW,
-                            workflow,
-                            n.STEP_ID,
-                            step_id,
-                            n.BUDGET_DIMENSION,
-                            str(attrs.get(n.BUDGET_DIMENSION, "")),
-                        ),
-                        1,
-                    )
-                elif name == n.EVENT_CONTRACT_VIOLATION:
-                    sums.add(
-                        n.METRIC_CONTRACT_VIOLATIONS,
-                        (
-                            n.WORKFLOW,
-                            workflow,
-                            n.STEP_ID,
-                            step_id,
-                            n.CONTRACT_DIRECTION,
-                            str(attrs.get(n.CONTRACT_DIRECTION, "")),
-                        ),
-                        1,
-                    )
+                counted = _EVENT_COUNTERS.get(name)
+                if counted is not None:
+                    metric, keys = counted
+                    labels: tuple[str, ...] = (n.WORKFLOW, workflow, n.STEP_ID, step_id)
+                    for key in keys:
+                        labels += (key, str(attrs.get(key, "")))
+                    sums.add(metric, labels, 1)
         except Exception as exc:
             faults.report("metrics", exc)
 
@@ -326,6 +290,13 @@ class Telemetry:
 
 
 _MAX_SERIES = 10_000
+
+# step-span events counted as metrics: event -> (counter, the event attributes used as labels)
+_EVENT_COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
+    n.EVENT_FALLBACK: (n.METRIC_FALLBACKS, (n.FALLBACK_REASON, n.FALLBACK_FROM_MODEL, n.FALLBACK_TO_MODEL)),
+    n.EVENT_BUDGET_EXCEEDED: (n.METRIC_BUDGET_BREACHES, (n.BUDGET_DIMENSION,)),
+    n.EVENT_CONTRACT_VIOLATION: (n.METRIC_CONTRACT_VIOLATIONS, (n.CONTRACT_DIRECTION,)),
+}
 _OVERFLOW_KEY = ("stroma.metric.overflow", "true")
 
 _COUNTERS = (
