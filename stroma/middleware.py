@@ -428,7 +428,11 @@ def _stop(
     if cls is not None:
         record.attributes[n.FAILURE_CLASS] = cls.otel_value
     _finish_step(step)
-    step.ctx.run_logger.warning("step %s stopped (%s): %s", step.step_id, status.value, message)
+    # The log names the error type, not its message: messages can carry step content, and logs
+    # are often exported. The caller gets the full message in ``result.error``.
+    step.ctx.run_logger.warning(
+        "step %s stopped (%s) after %d attempt(s): %s", step.step_id, status.value, step.attempts, last_error
+    )
     return step.ctx.result(status, final_state, error=message, failed_step=step.step_id)
 
 

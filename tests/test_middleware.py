@@ -393,8 +393,11 @@ async def test_faulty_span_processor_and_redactor_never_reach_the_caller(
     capture.shutdown()
 
 
-async def test_content_capture_is_opt_in_and_redacted() -> None:
+async def test_content_capture_is_opt_in_and_redacted(caplog: pytest.LogCaptureFixture) -> None:
+    """Reliability scenario 17: canaries in inputs, outputs, exception messages and context never
+    reach spans, events, metrics or Stroma's logs by default; with capture on, the redactor runs."""
     canary = "CANARY-7f3a9"
+    caplog.set_level(logging.DEBUG)
     default = TelemetryCapture()
     opted_in = TelemetryCapture(capture_content=True, redactor=lambda text: text.replace(canary, "<secret>"))
     for capture in (default, opted_in):
@@ -412,6 +415,16 @@ async def test_content_capture_is_opt_in_and_redacted() -> None:
     )
     assert canary not in exported
     assert n.STEP_INPUT not in exported
+    metrics = default.reader.get_metrics_data()
+    assert metrics is not None and canary not in metrics.to_json()
+
+    async def always_fails(doc: Doc) -> dict[str, Any]:
+        raise TypeError(f"bad payload {canary}")
+
+    ctx = ctx_for(default)
+    result = await execute_step("summarize", always_fails, Doc(text=canary), ctx, contract=CONTRACT)
+    assert canary in (result.error or "")  # the caller still gets the whole message
+    assert canary not in caplog.text
     [span] = opted_in.spans_named("step")
     assert span.attributes[n.STEP_INPUT] == '{"text": "input <secret>"}'
     assert canary not in repr(span.attributes)
