@@ -230,7 +230,7 @@ class ReliabilityContext:
             total_tokens=self.input_tokens + self.output_tokens,
             input_tokens=self.input_tokens,
             output_tokens=self.output_tokens,
-            unpriced_models=tuple(sorted(self.unpriced_models)),
+            unpriced_models=tuple(sorted(self.unpriced_models)) if self.unpriced_models else (),
             error=error,
             failed_step=failed_step,
             budget_exceeded=self.breaches[0] if self.breaches else None,

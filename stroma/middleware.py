@@ -101,8 +101,10 @@ async def execute_step(
     step = StepState(ctx, step_id, contract)
     telemetry = ctx.telemetry
     record = step.record
-    telemetry.start(record)
-    step_token = telemetry.set_current(record)
+    step_token = None
+    if telemetry.enabled:
+        telemetry.start(record)
+        step_token = telemetry.set_current(record)
     try:
         return await _run_step(step, func, input_state)
     except BaseException as exc:
@@ -112,7 +114,8 @@ async def execute_step(
             _finish_step(step)
         raise
     finally:
-        telemetry.reset_current(step_token)
+        if step_token is not None:
+            telemetry.reset_current(step_token)
 
 
 async def _run_step(step: StepState, func: Callable[..., Any], input_state: Any) -> ExecutionResult:
@@ -175,8 +178,10 @@ async def _run_step(step: StepState, func: Callable[..., Any], input_state: Any)
             record,
         )
         started = time.perf_counter()
-        telemetry.start(arecord)
-        attempt_token = telemetry.set_current(arecord)
+        attempt_token = None
+        if telemetry.enabled:
+            telemetry.start(arecord)
+            attempt_token = telemetry.set_current(arecord)
         if fallback is None:
             usage, usage_token = _step_io.enter_attempt(None, None)
         else:
@@ -215,7 +220,8 @@ async def _run_step(step: StepState, func: Callable[..., Any], input_state: Any)
             raise
         finally:
             _step_io.exit_attempt(usage_token)
-            telemetry.reset_current(attempt_token)
+            if attempt_token is not None:
+                telemetry.reset_current(attempt_token)
 
         # --- after the attempt -----------------------------------------------------------------
         if failure is None:
@@ -377,14 +383,16 @@ def _finish_attempt(
         ctx.output_tokens += out_tok
         ctx.total_cost += cost
         ctx.cost_by_step[step.step_id] = ctx.cost_by_step.get(step.step_id, 0.0) + cost
-        ctx.telemetry.record_usage(ctx.workflow_name, step.step_id, model, in_tok, out_tok, cost, unpriced)
+        if ctx.telemetry.enabled:
+            ctx.telemetry.record_usage(ctx.workflow_name, step.step_id, model, in_tok, out_tok, cost, unpriced)
         if unpriced:
             _note_unpriced(ctx, model or "unknown")
     step.attempts += 1
     if ctx.gate.active:
         ctx.gate.leave(cost, in_tok + out_tok)
     arecord.end_ns = time.time_ns()
-    ctx.telemetry.finish(arecord)
+    if arecord.span is not None:
+        ctx.telemetry.finish(arecord)
     if ctx.keep_records:
         ctx.records.append(arecord)
     if failed is None:
@@ -408,10 +416,12 @@ def _finish_step(step: StepState) -> None:
     if step.attempt_models:
         attrs[n.MODEL] = step.attempt_models[-1]
     record.end_ns = time.time_ns()
-    ctx.telemetry.finish(record)
+    if record.span is not None:
+        ctx.telemetry.finish(record)
     if ctx.keep_records:
         ctx.records.append(record)
-    ctx.telemetry.record_step(ctx.workflow_name, record, step.retried)
+    if ctx.telemetry.enabled:
+        ctx.telemetry.record_step(ctx.workflow_name, record, step.retried)
 
 
 def _stop(

@@ -311,7 +311,7 @@ def _short(value: Any) -> str:
     return text if len(text) <= _DIFF_VALUE_CHARS else text[: _DIFF_VALUE_CHARS - 1] + "…"
 
 
-@dataclass
+@dataclass(slots=True)
 class ExecutionResult:
     """The outcome of a run.
 
