@@ -196,6 +196,11 @@ def _resolve_step(node: Any, registry: ContractRegistry, where: str) -> StepSpec
     if not callable(node):
         raise ConfigurationError(f"{where} is not a step function: {node!r}")
     node_id = getattr(node, _NODE_ID_ATTR, None)
+    if getattr(node, "_stroma_runs_step", False):
+        raise ConfigurationError(
+            f"{where} ({node_id}) was wrapped by StromaStep.wrap, which already runs execute_step; pass the "
+            "function itself (its __wrapped__), decorated with @runner.node or @stroma_node"
+        )
     if not isinstance(node_id, str) or not node_id:
         name = getattr(node, "__qualname__", None) or repr(node)
         raise ConfigurationError(

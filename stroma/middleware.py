@@ -512,6 +512,8 @@ class StromaStep:
         wrapped.__wrapped__ = func  # type: ignore[attr-defined]
         wrapped._stroma_node_id = step_id  # type: ignore[attr-defined]
         wrapped._stroma_contract = contract  # type: ignore[attr-defined]
+        # Already a whole step call: a runner must not run it through the loop a second time.
+        wrapped._stroma_runs_step = True  # type: ignore[attr-defined]
         return wrapped
 
     def __call__(

@@ -502,3 +502,13 @@ async def test_budget_fallback_only_touches_steps_on_the_preferred_model(capture
     assert seen == ["gpt-4o", "claude-haiku-4-5", "gpt-4o-mini"]
     steps = capture.spans_named("step")
     assert [n.FALLBACK_TO_MODEL in (s.attributes or {}) for s in steps] == [False, False, True]
+
+
+async def test_a_wrapped_step_is_refused_by_the_runner() -> None:
+    from stroma import StromaRunner
+    from stroma.errors import ConfigurationError
+
+    ctx = ctx_for()
+    wrapped = StromaStep(ctx).wrap("summarize", lambda d: {"summary": "s"}, contract=CONTRACT)
+    with pytest.raises(ConfigurationError, match="already runs execute_step"):
+        await StromaRunner.quick().run([wrapped], Doc(text="a"))
