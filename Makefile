@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint typecheck unit e2e stack bench clean
+.PHONY: install demo test lint typecheck unit e2e stack bench coverage clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,11 @@ e2e: install
 
 stack: install
 	$(BIN)/python -m stroma.stack build
+
+## Line and branch coverage of stroma/ over the whole suite.
+coverage: install
+	$(BIN)/python -m stroma.stack build
+	$(BIN)/python -m pytest -q -p no:cacheprovider --cov=stroma --cov-branch --cov-report=term:skip-covered
 
 bench: install
 	$(BIN)/python bench/step_overhead.py
