@@ -154,6 +154,27 @@ _lock = threading.Lock()
 _private: _Private | None = None
 
 
+inherited_at_fork: tuple[int, ...] = ()
+
+
+def _after_fork_in_child() -> None:
+    # The child gets private providers of its own on first use (a new service.instance.id, its
+    # own export threads); the parent's, inherited half-alive, are dropped unexported so that
+    # spans queued in the parent are exported once, by the parent. Runs single-threaded: locks
+    # inherited from the parent may be held by a thread that does not exist here, so they are
+    # replaced, not taken. (stroma.telemetry.runtime drops what was cached for these providers.)
+    global _private, _lock, inherited_at_fork
+    _lock = threading.Lock()
+    inherited = _private
+    _private = None
+    if inherited is not None:
+        inherited_at_fork = (id(inherited.tracer_provider), id(inherited.meter_provider))
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _build_private(*, force_export: bool = False) -> _Private:
     from opentelemetry.sdk.metrics import MeterProvider as SdkMeterProvider
     from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Mapping
@@ -74,9 +75,11 @@ class Telemetry:
         self.redactor = settings.redactor
         self._metric_keys: dict[tuple[str, ...], dict[str, str]] = {}
         self.tracer: Any = None
+        self.providers: tuple[int, ...] = ()
         if not self.enabled:
             return
         tracer_provider, meter_provider = resolve_providers(settings.tracer_provider, settings.meter_provider)
+        self.providers = (id(tracer_provider), id(meter_provider))
         self.tracer = tracer_provider.get_tracer("stroma", __version__)
         meter = meter_provider.get_meter("stroma", __version__)
         # Counters are summed here, in-process, and reported as cumulative observable counters
@@ -324,6 +327,11 @@ class _Sums:
     def __init__(self) -> None:
         self.values: dict[str, dict[tuple[str, ...], float]] = {name: {} for name, _, _ in _COUNTERS}
 
+    def clear(self) -> None:
+        """Forget every sum (a forked child starts counting from zero)."""
+        for series in self.values.values():
+            series.clear()
+
     def add(self, metric: str, key: tuple[str, ...], amount: float) -> None:
         series = self.values[metric]
         current = series.get(key)
@@ -391,3 +399,25 @@ def reset() -> None:
     """Forget cached :class:`Telemetry` objects (the next run resolves providers again)."""
     with _cache_lock:
         _cache.clear()
+
+
+def _after_fork_in_child() -> None:
+    # A forked child must not report its parent's counts again: its sums start at zero, and
+    # what was cached for the parent's private providers is dropped (stroma.telemetry.providers
+    # builds the child its own). Runs single-threaded: inherited locks are replaced, not taken.
+    from stroma.telemetry import providers
+
+    global _cache_lock
+    _cache_lock = threading.Lock()
+    inherited = set(providers.inherited_at_fork)
+    for settings, telemetry in list(_cache.items()):
+        if inherited & set(telemetry.providers):
+            del _cache[settings]
+        elif telemetry.enabled:
+            telemetry.sums.clear()
+    faults.counts.clear()
+    faults._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
