@@ -34,14 +34,12 @@ import statistics
 import sys
 import time
 import tracemalloc
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+from _floor import floor_step, providers
 from opentelemetry import context as context_api
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import SpanKind, set_span_in_context
 from pydantic import BaseModel
 
@@ -83,23 +81,6 @@ STEPS: tuple[tuple[str, type[BaseModel], type[BaseModel], dict[str, Any]], ...] 
 CONTRACTS = {step_id: NodeContract(step_id, inp, out) for step_id, inp, out, _ in STEPS}
 
 
-class DropExporter(SpanExporter):
-    """Accepts every batch and throws it away."""
-
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        return SpanExportResult.SUCCESS
-
-    def shutdown(self) -> None:
-        return None
-
-
-def providers() -> tuple[TracerProvider, MeterProvider]:
-    tracer_provider = TracerProvider()
-    tracer_provider.add_span_processor(BatchSpanProcessor(DropExporter()))
-    meter_provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
-    return tracer_provider, meter_provider
-
-
 def make_body(raw: dict[str, Any]) -> Callable[[Any], Awaitable[Any]]:
     async def body(state: Any) -> Any:
         return raw, 120, 40, "gpt-4o-mini"
@@ -130,44 +111,20 @@ def make_floor(tracer_provider: TracerProvider, store: InMemoryStore | None) -> 
             store.save_manifest(run_id, manifest)
         state: Any = QUESTION
         for index, (step_id, input_schema, output_schema, _) in enumerate(STEPS):
-            step = tracer.start_span(f"step {step_id}", kind=SpanKind.INTERNAL, attributes={n.STEP_ID: step_id})
-            token = context_api.attach(set_span_in_context(step))
-            attempt = tracer.start_span(
-                f"attempt {step_id}",
-                kind=SpanKind.INTERNAL,
-                attributes={n.STEP_ID: step_id, n.STEP_ATTEMPT_NUMBER: 1, n.STEP_RETRY_DELAY: 0.0},
+            given = state
+
+            def validated_input(given: Any = given, schema: Any = input_schema) -> Any:
+                return given if isinstance(given, schema) else schema.model_validate(given.model_dump())
+
+            def checkpoint(output: Any, step_id: str = step_id, index: int = index) -> None:
+                if store is not None:
+                    store.save(run_id, step_id, output)
+                    if index < len(STEPS) - 1:
+                        store.save_manifest(run_id, manifest)
+
+            state = await floor_step(
+                tracer, step_id, run_id, validated_input, BODIES[step_id], output_schema.model_validate, checkpoint
             )
-            token2 = context_api.attach(set_span_in_context(attempt))
-            validated = state if isinstance(state, input_schema) else input_schema.model_validate(state.model_dump())
-            raw, in_tok, out_tok, model = await BODIES[step_id](validated)
-            state = output_schema.model_validate(raw)
-            context_api.detach(token2)
-            attempt.set_attributes(
-                {
-                    n.USAGE_INPUT_TOKENS: in_tok,
-                    n.USAGE_OUTPUT_TOKENS: out_tok,
-                    n.COST_AMOUNT: 0.0001,
-                    n.COST_CURRENCY: "USD",
-                    n.MODEL: model,
-                    n.CONTRACT_OUTCOME: "valid",
-                }
-            )
-            attempt.end()
-            if store is not None:
-                store.save(run_id, step_id, state)
-                if index < len(STEPS) - 1:
-                    store.save_manifest(run_id, manifest)
-            context_api.detach(token)
-            step.set_attributes(
-                {
-                    n.STEP_ATTEMPT_COUNT: 1,
-                    n.STEP_COST_AMOUNT: 0.0001,
-                    n.STEP_USAGE_INPUT_TOKENS: in_tok,
-                    n.STEP_USAGE_OUTPUT_TOKENS: out_tok,
-                    n.MODEL: model,
-                }
-            )
-            step.end()
         context_api.detach(run_token)
         run.set_attributes({n.RUN_STATUS: "completed", n.RUN_COST_AMOUNT: 0.0003})
         run.end()

@@ -29,19 +29,15 @@ import statistics
 import sys
 import time
 import tracemalloc
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
-from opentelemetry.trace import SpanKind, set_span_in_context
+from _floor import floor_step, providers
+from opentelemetry.sdk.trace import TracerProvider
 from pydantic import BaseModel
 
 from stroma import ContractRegistry, NodeContract, ReliabilityContext, RunConfig, RunStatus, execute_step
 from stroma.telemetry import TelemetrySettings
-from stroma.telemetry import names as n
 from stroma.telemetry import reset as reset_telemetry
 
 
@@ -57,16 +53,6 @@ class Answer(BaseModel):
     sources: list[str]
 
 
-class DropExporter(SpanExporter):
-    """Accepts every batch and throws it away."""
-
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        return SpanExportResult.SUCCESS
-
-    def shutdown(self) -> None:
-        return None
-
-
 RUN_LENGTH = 100
 QUESTION = Question(text="Where is my order #1234?", user="u-17", priority=2)
 RAW_ANSWER = {"text": "It ships tomorrow.", "confidence": 0.92, "sources": ["orders-db", "faq"]}
@@ -75,14 +61,6 @@ CONTRACT = NodeContract(node_id="answer", input_schema=Question, output_schema=A
 
 async def step(question: Question) -> Any:
     return RAW_ANSWER, 120, 40, "gpt-4o-mini"
-
-
-def providers() -> tuple[TracerProvider, MeterProvider]:
-    tracer_provider = TracerProvider()
-    tracer_provider.add_span_processor(BatchSpanProcessor(DropExporter()))
-    # metrics are collected only when read, as with a periodic exporter between exports
-    meter_provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
-    return tracer_provider, meter_provider
 
 
 async def time_loop(body: Callable[[], Awaitable[Any]], steps: int) -> float:
@@ -94,46 +72,11 @@ async def time_loop(body: Callable[[], Awaitable[Any]], steps: int) -> float:
 
 def make_floor(tracer_provider: TracerProvider) -> Callable[[], Awaitable[Any]]:
     tracer = tracer_provider.get_tracer("floor")
-    from opentelemetry import context as context_api
 
     async def floor() -> Any:
-        step_span = tracer.start_span(
-            "step answer", kind=SpanKind.INTERNAL, attributes={n.STEP_ID: "answer", n.RUN_ID: "r"}
+        return await floor_step(
+            tracer, "answer", "r", lambda: Question.model_validate(QUESTION), step, Answer.model_validate
         )
-        token = context_api.attach(set_span_in_context(step_span))
-        attempt = tracer.start_span(
-            "attempt answer",
-            kind=SpanKind.INTERNAL,
-            attributes={n.STEP_ID: "answer", n.STEP_ATTEMPT_NUMBER: 1, n.STEP_RETRY_DELAY: 0.0},
-        )
-        token2 = context_api.attach(set_span_in_context(attempt))
-        question = Question.model_validate(QUESTION)
-        raw, in_tok, out_tok, model = await step(question)
-        answer = Answer.model_validate(raw)
-        context_api.detach(token2)
-        attempt.set_attributes(
-            {
-                n.USAGE_INPUT_TOKENS: in_tok,
-                n.USAGE_OUTPUT_TOKENS: out_tok,
-                n.COST_AMOUNT: 0.0001,
-                n.COST_CURRENCY: "USD",
-                n.MODEL: model,
-                n.CONTRACT_OUTCOME: "valid",
-            }
-        )
-        attempt.end()
-        context_api.detach(token)
-        step_span.set_attributes(
-            {
-                n.STEP_ATTEMPT_COUNT: 1,
-                n.STEP_COST_AMOUNT: 0.0001,
-                n.STEP_USAGE_INPUT_TOKENS: in_tok,
-                n.STEP_USAGE_OUTPUT_TOKENS: out_tok,
-                n.MODEL: model,
-            }
-        )
-        step_span.end()
-        return answer
 
     return floor
 
