@@ -111,6 +111,9 @@ METRIC_CONTRACT_VIOLATIONS: Final = "stroma.contract.violations"  # counter; wor
 METRIC_RUN_DURATION: Final = "stroma.run.duration"  # histogram, s; workflow, status
 METRIC_RUNS: Final = "stroma.runs"  # counter, {run}; workflow, status
 METRIC_TELEMETRY_ERRORS: Final = "stroma.telemetry.errors"  # counter; component
+METRIC_TELEMETRY_LOST: Final = "stroma.telemetry.lost"  # counter; signal, reason (private providers)
+TELEMETRY_SIGNAL: Final = "stroma.telemetry.signal"  # label of stroma.telemetry.lost: spans / metrics
+TELEMETRY_REASON: Final = "stroma.telemetry.reason"  # queue_full / export_failed / exit_timeout
 
 UTILIZATION_BUCKETS: Final = (0.25, 0.5, 0.8, 0.9, 1.0, 1.25, 2.0)
 DURATION_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)

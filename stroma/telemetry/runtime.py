@@ -25,7 +25,7 @@ from opentelemetry.trace import set_span_in_context as _set_span_in_context
 
 from stroma._version import __version__
 from stroma.telemetry import names as n
-from stroma.telemetry.providers import resolve_providers
+from stroma.telemetry.providers import lost, resolve_providers
 from stroma.telemetry.records import SpanRecord
 from stroma.telemetry.settings import TelemetrySettings
 
@@ -114,6 +114,22 @@ class Telemetry:
             unit="{error}",
             description="Faults inside Stroma's telemetry that were ignored",
         )
+        meter.create_observable_counter(
+            n.METRIC_TELEMETRY_LOST,
+            callbacks=[self._observe_lost],
+            unit="{item}",
+            description="Spans (one by one) and metric exports that never reached the collector, by reason",
+        )
+
+    @staticmethod
+    def _observe_lost(_options: Any) -> list[Any]:
+        from opentelemetry.metrics import Observation
+
+        # Every (signal, reason) pair is reported, zeros included: "nothing lost" is a value.
+        return [
+            Observation(count, {n.TELEMETRY_SIGNAL: signal, n.TELEMETRY_REASON: reason})
+            for (signal, reason), count in lost.counts.items()
+        ]
 
     @staticmethod
     def _observe_faults(_options: Any) -> list[Any]:
