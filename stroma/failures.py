@@ -24,7 +24,7 @@ from typing import Any, Final
 from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator, model_validator
 
 from stroma.contracts import ContractViolation
-from stroma.errors import ConfigurationError
+from stroma.errors import ConfigurationError, UsageError
 from stroma.retry import retry_delays
 
 __all__ = [
@@ -312,6 +312,7 @@ def classify(exc: BaseException, context: NodeContext, classifiers: Sequence[Cla
     ========================================================  ===============
     :class:`~stroma.contracts.ContractViolation`              ``TERMINAL``
     :class:`~stroma.cost.BudgetExceeded` (never retried)      ``TERMINAL``
+:class:`~stroma.errors.UsageError` (bad usage reported)   ``TERMINAL``
     ``TimeoutError``, ``asyncio.TimeoutError``,               ``RECOVERABLE``
     ``ConnectionError`` (and subclasses)
     HTTP status 408, 409, 425, 429 or 5xx                     ``RECOVERABLE``
@@ -405,7 +406,7 @@ def _http_status(exc: Exception) -> int | None:
 def _builtin_class(exc: Exception) -> FailureClass:
     from stroma.cost import BudgetExceeded  # stroma.cost imports this module
 
-    if isinstance(exc, (ContractViolation, BudgetExceeded)):
+    if isinstance(exc, (ContractViolation, BudgetExceeded, UsageError)):
         return FailureClass.TERMINAL
     if isinstance(exc, _RECOVERABLE_TYPES):
         return FailureClass.RECOVERABLE

@@ -183,9 +183,9 @@ async def _run_step(step: StepState, func: Callable[..., Any], input_state: Any)
             telemetry.start(arecord)
             attempt_token = telemetry.set_current(arecord)
         if fallback is None:
-            usage, usage_token = _step_io.enter_attempt(None, None)
+            usage, usage_token = _step_io.enter_attempt(None, None, step_id)
         else:
-            usage, usage_token = _step_io.enter_attempt(fallback.preferred_model, fallback.fallback_model)
+            usage, usage_token = _step_io.enter_attempt(fallback.preferred_model, fallback.fallback_model, step_id)
         output_model: Any = None
         failure: Exception | None = None
         try:
@@ -204,6 +204,10 @@ async def _run_step(step: StepState, func: Callable[..., Any], input_state: Any)
                 else:
                     outcome = await outcome
             raw_output, in_tok, out_tok, declared_model = _step_io.unpack_output(step_id, outcome)
+            if in_tok or out_tok:
+                # returned usage adds to what report_usage() recorded: the sum is bounded too
+                _step_io.check_tokens(step_id, "input_tokens (attempt total)", usage.input_tokens + in_tok)
+                _step_io.check_tokens(step_id, "output_tokens (attempt total)", usage.output_tokens + out_tok)
             usage.input_tokens += in_tok
             usage.output_tokens += out_tok
             if declared_model is not None:

@@ -174,18 +174,28 @@ def _log_once(key: str, message: str, *args: object, exc_info: bool = False) -> 
     _log.warning(message, *args, exc_info=exc_info)
 
 
+MAX_PRICE_PER_1M: Final = 1_000_000.0
+"""Largest price override accepted, in USD per 1M tokens ($1 per token). With token counts
+bounded per attempt (:data:`stroma._step_io.MAX_TOKENS`) this keeps every cost finite."""
+
+
+def _valid_price(value: object) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float, Decimal)):
+        return False
+    if isinstance(value, Decimal):
+        # is_finite() never raises; math.isfinite() raises ValueError on a signalling NaN
+        return value.is_finite() and 0 <= value <= MAX_PRICE_PER_1M
+    return math.isfinite(value) and 0 <= value <= MAX_PRICE_PER_1M
+
+
 def _check_price(model: object, input_per_1m: object, output_per_1m: object) -> None:
     if not isinstance(model, str) or not model.strip():
         raise ConfigurationError(f"price override: model must be a non-empty string, got {model!r}")
     for name, value in (("input_per_1m", input_per_1m), ("output_per_1m", output_per_1m)):
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float, Decimal))
-            or not math.isfinite(value)
-            or value < 0
-        ):
+        if not _valid_price(value):
             raise ConfigurationError(
-                f"price override for {model!r}: {name} must be a finite number >= 0 (USD per 1M tokens), got {value!r}"
+                f"price override for {model!r}: {name} must be a finite number from 0 to {MAX_PRICE_PER_1M:,.0f} "
+                f"(USD per 1M tokens), got {value!r}"
             )
 
 
@@ -195,7 +205,8 @@ def set_price(model: str, *, input_per_1m: float, output_per_1m: float) -> None:
     An override beats genai-prices, and also applies to ``"provider:model"`` and
     ``"provider/model"`` strings whose model part equals *model*. Raises
     :class:`~stroma.errors.ConfigurationError` for an empty model name or a negative,
-    non-finite or non-numeric price. Overrides are process-wide; see
+    non-finite (including ``Decimal`` NaN), non-numeric (a string is refused, not parsed) or
+    absurd price (above :data:`MAX_PRICE_PER_1M`). Overrides are process-wide; see
     :func:`clear_price_overrides`.
     """
     _check_price(model, input_per_1m, output_per_1m)
@@ -253,7 +264,8 @@ def cost_usd(model: str | None, input_tokens: int, output_tokens: int) -> tuple[
     * tokens used but no model, or a model with no known price: ``(0.0, False)``; the caller
       marks the usage unpriced (design §3, improvement 6).
 
-    Negative token counts count as 0. Never raises.
+    Negative token counts count as 0. A cost that is not finite (an absurd table price) makes
+    the usage unpriced and is logged once. Never raises.
     """
     try:
         if input_tokens <= 0 and output_tokens <= 0:
@@ -263,7 +275,11 @@ def cost_usd(model: str | None, input_tokens: int, output_tokens: int) -> tuple[
         price = price_for(model)
         if price is None:
             return 0.0, False
-        return price.cost(input_tokens, output_tokens), True
+        cost = price.cost(input_tokens, output_tokens)
+        if not math.isfinite(cost) or cost < 0:
+            # never let an infinite or negative cost reach totals, budgets, metrics or checkpoints
+            raise ArithmeticError("the computed cost is not a finite amount >= 0")
+        return cost, True
     except Exception:
         _log_once("cost_usd", "pricing failed for model %r; usage marked unpriced", model, exc_info=True)
         return 0.0, False
