@@ -22,6 +22,7 @@ from stroma.cost import BudgetExceeded, CostTracker, ExecutionBudget, FallbackPo
 from stroma.failures import Classifier, PolicyMap, RetryBudget
 from stroma.telemetry import names as n
 from stroma.telemetry import sinks
+from stroma.telemetry._bounds import bound_text
 from stroma.telemetry.records import SpanRecord
 from stroma.telemetry.runtime import Telemetry, get_telemetry
 from stroma.trace import ExecutionResult, ExecutionTrace, RunStatus
@@ -34,13 +35,39 @@ logger = logging.getLogger("stroma")
 
 
 def error_type_name(exc: BaseException) -> str:
+    """The ``error.type`` of *exc*: its class's qualified name, prefixed by its module unless the
+    module is ``builtins``; at most :data:`~stroma.telemetry._bounds.MAX_LABEL_CHARS` characters.
+
+    Never raises, whatever the class claims (a ``__module__`` of ``None`` or a non-string
+    name gives the bare class name).
+    """
     cls = type(exc)
-    module = cls.__module__
-    if module in ("builtins", "asyncio.exceptions"):
-        return cls.__qualname__
+    name = getattr(cls, "__qualname__", None)
+    if not isinstance(name, str):
+        name = getattr(cls, "__name__", None)
+        if not isinstance(name, str):
+            name = "Exception"
+    module = getattr(cls, "__module__", None)
+    if not isinstance(module, str) or module in ("builtins", "asyncio.exceptions"):
+        return bound_text(name)
     if module.startswith("stroma."):
-        return f"stroma.{cls.__qualname__}"
-    return f"{module}.{cls.__qualname__}"
+        return bound_text(f"stroma.{name}")
+    return bound_text(f"{module}.{name}")
+
+
+def error_message(exc: BaseException) -> str:
+    """``str(exc)``, or a placeholder naming the type when the exception's ``__str__`` raises.
+
+    Never raises (an exception object from user code may be hostile; its failure to print
+    must not turn a step's failure into a crash of the loop).
+    """
+    try:
+        text = str(exc)
+    except Exception as fault:
+        return f"<{error_type_name(exc)}: str() raised {error_type_name(fault)}>"
+    if not isinstance(text, str):  # pragma: no cover - str() always returns a str
+        return f"<{error_type_name(exc)}>"
+    return text
 
 
 def elapsed_ms(started: float) -> int:

@@ -39,7 +39,7 @@ from pydantic import BaseModel
 
 from stroma import _step_io
 from stroma._step_state import AttemptEvent, StepState, choose_fallback, dump_state, error_fallback, note_fallback
-from stroma.context import ReliabilityContext, breach_attributes, elapsed_ms, error_type_name
+from stroma.context import ReliabilityContext, breach_attributes, elapsed_ms, error_message, error_type_name
 from stroma.contracts import ContractViolation, NodeContract
 from stroma.cost import BudgetExceeded
 from stroma.failures import FailureClass, NodeContext, classify, resolve_policy
@@ -259,7 +259,7 @@ async def _run_step(step: StepState, func: Callable[..., Any], input_state: Any)
         arecord.attributes[n.FAILURE_CLASS] = failure_class.otel_value
         exception_event: dict[str, Any] = {"exception.type": error_type}
         if telemetry.capture_content:
-            telemetry.capture(arecord, "exception.message", str(failure))
+            telemetry.capture(arecord, "exception.message", error_message(failure))
             exception_event["exception.message"] = arecord.attributes.pop("exception.message", "")
         arecord.add_event("exception", exception_event)
         if isinstance(failure, ContractViolation):
@@ -404,7 +404,7 @@ def _finish_attempt(
     else:
         failure_class, exc = failed
         ctx.trace.append_deferred(
-            AttemptEvent(ctx.run_id, arecord, input_state, output_state, duration_ms, failure_class, str(exc))
+            AttemptEvent(ctx.run_id, arecord, input_state, output_state, duration_ms, failure_class, error_message(exc))
         )
 
 
@@ -467,7 +467,10 @@ def _failure_message(step: StepState, failure: Exception) -> str:
     models: dict[str, list[str]] = {}
     for model, error_type in step.failures:
         models.setdefault(model or "(no model)", []).append(error_type)
-    head = f"step {step.step_id!r} failed after {len(step.failures)} attempt(s): {error_type_name(failure)}: {failure}"
+    head = (
+        f"step {step.step_id!r} failed after {len(step.failures)} attempt(s): "
+        f"{error_type_name(failure)}: {error_message(failure)}"
+    )
     if len(models) > 1:
         detail = "; ".join(f"{model}: {', '.join(errors)}" for model, errors in models.items())
         return f"{head} [per model: {detail}]"
