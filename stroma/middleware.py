@@ -45,6 +45,7 @@ from stroma.cost import BudgetExceeded
 from stroma.failures import FailureClass, NodeContext, classify, resolve_policy
 from stroma.pricing import cost_usd
 from stroma.telemetry import names as n
+from stroma.telemetry._bounds import bound_text
 from stroma.telemetry.records import SpanRecord
 from stroma.trace import ExecutionResult, RunStatus
 
@@ -243,7 +244,7 @@ async def _run_step(step: StepState, func: Callable[..., Any], input_state: Any)
             if breach is not None:
                 return _breach(step, breach, output_model)
             if check_budget and _unpriced_stop(step):
-                return _stop(step, RunStatus.PARTIAL, output_model, _UNPRICED_MESSAGE)
+                return _stop(step, RunStatus.PARTIAL, output_model, _unpriced_message(step))
             if ctx.hooks.on_node_success is not None:
                 await ctx.call_hook(
                     "on_node_success", step_id, dump_state(output_model), usage.input_tokens + usage.output_tokens
@@ -275,7 +276,7 @@ async def _run_step(step: StepState, func: Callable[..., Any], input_state: Any)
         if isinstance(failure, BudgetExceeded):
             return _breach(step, failure, input_state)
         if check_budget and _unpriced_stop(step):
-            return _stop(step, RunStatus.PARTIAL, input_state, _UNPRICED_MESSAGE)
+            return _stop(step, RunStatus.PARTIAL, input_state, _unpriced_message(step))
 
         policy = resolve_policy(failure_class, step_id, ctx.policy_map, ctx.step_policies)
         if failure_class is FailureClass.TERMINAL or attempt > policy.max_retries:
@@ -311,10 +312,19 @@ async def _run_step(step: StepState, func: Callable[..., Any], input_state: Any)
             await sleep(delay)
 
 
-_UNPRICED_MESSAGE = (
-    "usage of a model with no known price, and the budget's unpriced policy is 'fail'; "
-    "register its price with stroma.pricing.set_price() or set ExecutionBudget(unpriced='warn')"
-)
+def _unpriced_message(step: StepState) -> str:
+    """Why ``unpriced="fail"`` stopped *step*: the step, the model(s) without a price, the fix."""
+    models = sorted(step.ctx.unpriced_models)
+    named = ", ".join(repr(bound_text(model, 128)) for model in models[:5])
+    if len(models) > 5:
+        named += f" and {len(models) - 5} more"
+    example = bound_text(models[0], 128) if models else "<model>"
+    return (
+        f"step {step.step_id!r} used model(s) with no known price ({named}) and the budget's unpriced "
+        "policy is 'fail', so the cost limit cannot be enforced; register a price with "
+        f"stroma.pricing.set_price({example!r}, input_per_1m=..., output_per_1m=...) "
+        "or set ExecutionBudget(unpriced='warn')"
+    )
 
 
 def _attempt_timeout(ctx: ReliabilityContext, timeout_ms: int | None) -> float | None:
