@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from stroma._admission import BudgetGate
 from stroma.contracts import ContractRegistry
 from stroma.cost import BudgetExceeded, CostTracker, ExecutionBudget, FallbackPolicy, NodeUsage
+from stroma.errors import exception_types
 from stroma.failures import Classifier, PolicyMap, RetryBudget
 from stroma.telemetry import names as n
 from stroma.telemetry import sinks
@@ -372,12 +373,13 @@ class ReliabilityContext:
         except Exception as exc:
             if name not in self._hook_faults:
                 self._hook_faults.add(name)
+                # Types only, never the message or a traceback: a hook's exception (or the step's
+                # exception it was raised from) can carry step content (issue 8 D16).
                 self.run_logger.warning(
                     "hook %s raised %s; ignored (the step's outcome is unchanged; later faults of this "
                     "hook in this run are not logged)",
                     name,
-                    error_type_name(exc),
-                    exc_info=exc,
+                    exception_types(exc),
                 )
 
 

@@ -24,6 +24,7 @@ from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 from opentelemetry.trace import set_span_in_context as _set_span_in_context
 
 from stroma._version import __version__
+from stroma.errors import exception_types
 from stroma.telemetry import names as n
 from stroma.telemetry.providers import resolve_providers
 from stroma.telemetry.records import SpanRecord
@@ -49,12 +50,12 @@ class _FaultLog:
             first = component not in self._seen
             self._seen.add(component)
         if first:
+            # types only, no traceback: a redactor's or serialiser's exception can quote the content
             logger.warning(
                 "stroma telemetry: %s failed (%s); the run continues, later faults of this kind are "
                 "counted in stroma.telemetry.errors but not logged",
                 component,
-                type(exc).__name__,
-                exc_info=exc,
+                exception_types(exc),
             )
 
 
