@@ -303,36 +303,36 @@ _LOGGED_LIMIT: Final = 1024
 def classify(exc: BaseException, context: NodeContext, classifiers: Sequence[Classifier] | None = None) -> FailureClass:
     """Sort a step's exception into a :class:`FailureClass`. Never raises.
 
-        Custom *classifiers* are asked first, in order; the first that returns a class decides
-        (a class name string such as ``"terminal"`` is accepted too). Then the built-in rules, top
-        to bottom:
+    Custom *classifiers* are asked first, in order; the first that returns a class decides
+    (a class name string such as ``"terminal"`` is accepted too). Then the built-in rules, top
+    to bottom:
 
-        ========================================================  ===============
-        exception                                                 class
-        ========================================================  ===============
-        :class:`~stroma.contracts.ContractViolation`              ``TERMINAL``
-        :class:`~stroma.cost.BudgetExceeded` (never retried)      ``TERMINAL``
+    ========================================================  ===============
+    exception                                                 class
+    ========================================================  ===============
+    :class:`~stroma.contracts.ContractViolation`              ``TERMINAL``
+    :class:`~stroma.cost.BudgetExceeded` (never retried)      ``TERMINAL``
     :class:`~stroma.errors.UsageError` (bad usage reported)   ``TERMINAL``
-        ``TimeoutError``, ``asyncio.TimeoutError``,               ``RECOVERABLE``
-        ``ConnectionError`` (and subclasses)
-        HTTP status 408, 409, 425, 429 or 5xx                     ``RECOVERABLE``
-        HTTP status 401, 403 and every other 4xx                  ``TERMINAL``
-        HTTP client and SDK timeout/connection errors, by class   ``RECOVERABLE``
-        name (httpx ``TimeoutException``, ``ConnectError``;
-        requests ``Timeout``, ``ConnectionError``; openai and
-        anthropic ``APITimeoutError``, ``APIConnectionError``;
-        aiohttp ``ClientConnectionError``, ...)
-        ``PermissionError``, ``TypeError``, ``AttributeError``,   ``TERMINAL``
-        ``NameError``, ``NotImplementedError``,
-        ``AssertionError``, ``ImportError`` (programming and
-        auth errors: exactly one attempt)
-        ``ValueError`` and everything else                        ``AMBIGUOUS``
-        ========================================================  ===============
+    ``TimeoutError``, ``asyncio.TimeoutError``,               ``RECOVERABLE``
+    ``ConnectionError`` (and subclasses)
+    HTTP status 408, 409, 425, 429 or 5xx                     ``RECOVERABLE``
+    HTTP status 401, 403 and every other 4xx                  ``TERMINAL``
+    HTTP client and SDK timeout/connection errors, by class   ``RECOVERABLE``
+    name (httpx ``TimeoutException``, ``ConnectError``;
+    requests ``Timeout``, ``ConnectionError``; openai and
+    anthropic ``APITimeoutError``, ``APIConnectionError``;
+    aiohttp ``ClientConnectionError``, ...)
+    ``PermissionError``, ``TypeError``, ``AttributeError``,   ``TERMINAL``
+    ``NameError``, ``NotImplementedError``,
+    ``AssertionError``, ``ImportError`` (programming and
+    auth errors: exactly one attempt)
+    ``ValueError`` and everything else                        ``AMBIGUOUS``
+    ========================================================  ===============
 
-        The HTTP status is read from an int ``status_code`` or ``status`` attribute of the
-        exception, or from ``exc.response.status_code`` (httpx, requests, openai and anthropic SDK
-        errors). A ``BaseException`` that is not an ``Exception`` (cancellation, ``KeyboardInterrupt``)
-        is ``TERMINAL`` without consulting classifiers: it is never retried.
+    The HTTP status is read from an int ``status_code`` or ``status`` attribute of the
+    exception, or from ``exc.response.status_code`` (httpx, requests, openai and anthropic SDK
+    errors). A ``BaseException`` that is not an ``Exception`` (cancellation, ``KeyboardInterrupt``)
+    is ``TERMINAL`` without consulting classifiers: it is never retried.
     """
     if not isinstance(exc, Exception):
         return FailureClass.TERMINAL
