@@ -378,15 +378,18 @@ def _finish_attempt(
         attrs[n.COST_CURRENCY] = n.CURRENCY_USD
         if unpriced:
             attrs[n.COST_UNPRICED] = True
-        if model is not None:
-            attrs[n.MODEL] = model
-            step.attempt_models.append(model)
+        # A model name is user input: priced as given, but bounded in length wherever it is
+        # kept or shown (spans, the cost tracker, logs, the result's unpriced_models).
+        shown = bound_text(model) if model is not None else None
+        if shown is not None:
+            attrs[n.MODEL] = shown
+            step.attempt_models.append(shown)
         ctx.cost_tracker.add(
             step.step_id,
             tokens_used=in_tok + out_tok,
             cost_usd=cost,
             latency_ms=duration_ms,
-            model=model,
+            model=shown,
             output_tokens=out_tok,
             unpriced=unpriced,
         )
@@ -400,7 +403,7 @@ def _finish_attempt(
         if ctx.telemetry.enabled:
             ctx.telemetry.record_usage(ctx.workflow_name, step.step_id, model, in_tok, out_tok, cost, unpriced)
         if unpriced:
-            _note_unpriced(ctx, model or "unknown")
+            _note_unpriced(ctx, shown or "unknown")
     step.attempts += 1
     if ctx.gate.active:
         ctx.gate.leave(cost, in_tok + out_tok)

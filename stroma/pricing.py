@@ -48,6 +48,7 @@ from typing import Any, Final, Literal
 import genai_prices
 
 from stroma.errors import ConfigurationError
+from stroma.telemetry._bounds import MAX_LABEL_CHARS, bound_text
 
 __all__ = [
     "KNOWN_MODELS",
@@ -174,6 +175,9 @@ def _log_once(key: str, message: str, *args: object, exc_info: bool = False) -> 
     _log.warning(message, *args, exc_info=exc_info)
 
 
+MAX_MODEL_CHARS: Final = MAX_LABEL_CHARS
+"""Longest model name that can be priced; a longer one is unpriced (and not cached)."""
+
 MAX_PRICE_PER_1M: Final = 1_000_000.0
 """Largest price override accepted, in USD per 1M tokens ($1 per token). With token counts
 bounded per attempt (:data:`stroma._step_io.MAX_TOKENS`) this keeps every cost finite."""
@@ -189,8 +193,11 @@ def _valid_price(value: object) -> bool:
 
 
 def _check_price(model: object, input_per_1m: object, output_per_1m: object) -> None:
-    if not isinstance(model, str) or not model.strip():
-        raise ConfigurationError(f"price override: model must be a non-empty string, got {model!r}")
+    if not isinstance(model, str) or not model.strip() or len(model) > MAX_MODEL_CHARS:
+        shown = repr(model) if not isinstance(model, str) else repr(bound_text(model, 64))
+        raise ConfigurationError(
+            f"price override: model must be a non-empty string of at most {MAX_MODEL_CHARS} characters, got {shown}"
+        )
     for name, value in (("input_per_1m", input_per_1m), ("output_per_1m", output_per_1m)):
         if not _valid_price(value):
             raise ConfigurationError(
@@ -244,11 +251,13 @@ def price_for(model: str) -> ModelPrice | None:
 
     Accepts ``"gpt-4o"``, ``"provider:model"`` and ``"provider/model"`` (see the module
     docstring for the order). The first call for a given string searches the overrides and the
-    genai-prices table; later calls are a cache lookup. Never raises.
+    genai-prices table; later calls are a cache lookup. A name longer than
+    :data:`MAX_MODEL_CHARS` has no price (and is not cached). Never raises.
     """
     price = _cache.get(model) if isinstance(model, str) else None
     if price is None:
-        if not isinstance(model, str) or not model or model in _cache:
+        if not isinstance(model, str) or not model or len(model) > MAX_MODEL_CHARS or model in _cache:
+            # no model name is that long: unpriced, and never cached (the cache holds the names)
             return None
         return _resolve_and_cache(model)
     if price.valid_until is not None and time.time() >= price.valid_until:

@@ -26,6 +26,7 @@ from opentelemetry.trace import set_span_in_context as _set_span_in_context
 from stroma._version import __version__
 from stroma.errors import exception_types
 from stroma.telemetry import names as n
+from stroma.telemetry._bounds import LabelValues
 from stroma.telemetry.providers import resolve_providers
 from stroma.telemetry.records import SpanRecord
 from stroma.telemetry.settings import TelemetrySettings
@@ -75,6 +76,9 @@ class Telemetry:
         self.max_content_chars = settings.resolved_max_content_chars()
         self.redactor = settings.redactor
         self._metric_keys: dict[tuple[str, ...], dict[str, str]] = {}
+        # model names and error types come from user code: bounded in length and in distinct
+        # values per label (past the bound: "_other"), see stroma.telemetry._bounds
+        self.label_values = LabelValues()
         self.tracer: Any = None
         self.providers: tuple[int, ...] = ()
         if not self.enabled:
@@ -232,7 +236,14 @@ class Telemetry:
         if not self.enabled:
             return
         try:
-            key = (n.WORKFLOW, workflow, n.STEP_ID, step_id, n.MODEL, model or "unknown")
+            key = (
+                n.WORKFLOW,
+                workflow,
+                n.STEP_ID,
+                step_id,
+                n.MODEL,
+                self.label_values.admit(n.MODEL, model or "unknown"),
+            )
             sums = self.sums
             sums.add(n.METRIC_COST, key, cost)
             sums.add(n.METRIC_INPUT_TOKENS, key, input_tokens)
@@ -265,7 +276,7 @@ class Telemetry:
                         n.FAILURE_CLASS,
                         failure_class,
                         n.ERROR_TYPE,
-                        error_type,
+                        self.label_values.admit(n.ERROR_TYPE, error_type),
                     ),
                     1,
                 )
@@ -275,7 +286,7 @@ class Telemetry:
                     metric, keys = counted
                     labels: tuple[str, ...] = (n.WORKFLOW, workflow, n.STEP_ID, step_id)
                     for key in keys:
-                        labels += (key, str(attrs.get(key, "")))
+                        labels += (key, self.label_values.admit(key, str(attrs.get(key, ""))))
                     sums.add(metric, labels, 1)
         except Exception as exc:
             faults.report("metrics", exc)
