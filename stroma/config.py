@@ -34,6 +34,7 @@ from pydantic import (
 from stroma.cost import ExecutionBudget, FallbackPolicy
 from stroma.errors import ConfigurationError
 from stroma.failures import Classifier, FailureClass, FailurePolicy, PolicyMap, default_policy_map
+from stroma.pricing import price_for
 from stroma.telemetry.settings import TelemetrySettings
 
 HookResult = Awaitable[None] | None
@@ -187,6 +188,13 @@ class RunConfig(BaseModel):
                 "RunConfig.model_fallbacks has budget-threshold fallbacks but budget.max_cost_usd is "
                 "not set, so they can never trigger"
             )
+        for model in dict.fromkeys(policy.fallback_model for policy in self.model_fallbacks):
+            if price_for(model) is None:
+                risks.append(
+                    f"RunConfig.model_fallbacks falls back to model {model!r}, which has no known price: its "
+                    "usage will be counted as $0 and marked unpriced (a budget cannot limit it); register "
+                    f"its price first with stroma.pricing.set_price({model!r}, input_per_1m=..., output_per_1m=...)"
+                )
         return risks
 
     def warn_risky(self, *, stacklevel: int = 2) -> None:

@@ -21,6 +21,7 @@ from stroma.contracts import ContractRegistry
 from stroma.cost import BudgetExceeded, CostTracker, ExecutionBudget, FallbackPolicy, NodeUsage
 from stroma.errors import exception_types
 from stroma.failures import Classifier, PolicyMap, RetryBudget
+from stroma.pricing import preload as preload_prices
 from stroma.telemetry import names as n
 from stroma.telemetry import sinks
 from stroma.telemetry._bounds import bound_text
@@ -140,12 +141,19 @@ class ReliabilityContext:
         """A fresh context for one run of *config* (counters, trace and records start empty).
 
         ``config.context`` is shared with the steps as given (the established behaviour);
-        everything else is per run. Setting ``STROMA_RUN_STORE`` turns the local run store on
+        everything else is per run. With a cost limit or model fallbacks, the price table is
+        loaded here (once per process), before the first step. Setting ``STROMA_RUN_STORE`` turns the local run store on
         (:mod:`stroma.runstore`) for the runs created from then on.
         """
         from stroma.runstore import enable_from_env
 
         enable_from_env()
+        if config.budget.max_cost_usd is not None or config.model_fallbacks:
+            # Load the price table before the first step, not inside its first priced attempt.
+            models = {
+                name for policy in config.model_fallbacks for name in (policy.preferred_model, policy.fallback_model)
+            }
+            preload_prices(sorted(models))
         return cls(
             run_id=config.run_id,
             registry=registry,
@@ -279,8 +287,16 @@ class ReliabilityContext:
         Each attempt span became one :class:`~stroma.trace.TraceEvent` of ``result.trace``;
         totals are those of the step spans. Ends the run span (if :meth:`as_run` opened one)
         with *status*, and releases the run's span records: after this the context holds no
-        per-step data beyond the trace returned to the caller.
+        per-step data beyond the trace returned to the caller. Raises ``TypeError`` when
+        *final_state* is itself an :class:`~stroma.trace.ExecutionResult` (pass its
+        ``final_state``).
         """
+        if isinstance(final_state, ExecutionResult):
+            raise TypeError(
+                "build_result(final_state=...) got an ExecutionResult, which would nest one run's result "
+                "in another; pass its state instead: final_state=result.final_state (a @step-decorated "
+                "function returns an ExecutionResult)"
+            )
         result = self.result(status, final_state, error=error, failed_step=failed_step)
         if not self.finished:
             self._end_run(status)

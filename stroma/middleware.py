@@ -365,11 +365,13 @@ def _finish_attempt(
 ) -> None:
     """Charge the attempt's usage, end its span and append its :class:`TraceEvent` (deferred)."""
     ctx = step.ctx
+    # The attempt ends now: pricing and bookkeeping below are not charged to its duration.
+    duration_ms = int((time.perf_counter() - started) * 1000)
+    ended_ns = time.time_ns()
     model = note_fallback(step, usage.model)
     in_tok, out_tok = usage.input_tokens, usage.output_tokens
     cost, priced = cost_usd(model, in_tok, out_tok)
     unpriced = not priced
-    duration_ms = int((time.perf_counter() - started) * 1000)
     attrs = arecord.attributes
     if in_tok or out_tok or model is not None:
         attrs[n.USAGE_INPUT_TOKENS] = in_tok
@@ -407,7 +409,7 @@ def _finish_attempt(
     step.attempts += 1
     if ctx.gate.active:
         ctx.gate.leave(cost, in_tok + out_tok)
-    arecord.end_ns = time.time_ns()
+    arecord.end_ns = ended_ns
     if arecord.span is not None:
         ctx.telemetry.finish(arecord)
     if ctx.keep_records:
