@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Final
 
+from pydantic import BaseModel, RootModel, ValidationError
+
 from stroma.errors import StromaError, UsageError
 
 logger = logging.getLogger("stroma")
@@ -204,3 +206,38 @@ def unpack_output(step_id: str, output: Any) -> tuple[Any, int, int, str | None]
     if model is not None and not isinstance(model, str):
         raise StepOutputError(f"step {step_id!r} returned model={_short_repr(model)}; expected a model name (str)")
     return state, input_tokens, output_tokens, model
+
+
+def as_input_class(input_state: Any, output: Any) -> Any:
+    """Without a contract: a ``dict`` output of a step whose input is a pydantic model comes back
+    as an instance of the input's class, as the established package returned it.
+
+    Only when no data is lost: every key of *output* must be a field of that class (by name
+    or alias) and the dict must validate as it. Otherwise (another shape, a missing or invalid
+    field) the dict is returned unchanged: without a contract Stroma does not guess a schema.
+    """
+    if type(output) is not dict or not isinstance(input_state, BaseModel):
+        return output
+    cls = type(input_state)
+    known = _field_keys(cls)
+    if known is None or not all(isinstance(key, str) and key in known for key in output):
+        return output
+    try:
+        return cls.model_validate(output)
+    except (ValidationError, TypeError, ValueError):
+        return output
+
+
+@lru_cache(maxsize=1024)
+def _field_keys(cls: type[BaseModel]) -> frozenset[str] | None:
+    """The keys a dict for *cls* may have, or ``None`` when its extras would hide dropped keys."""
+    if cls.model_config.get("extra") == "allow" or issubclass(cls, RootModel):
+        return None
+    keys: set[str] = set()
+    for name, info in cls.model_fields.items():
+        keys.add(name)
+        if isinstance(info.alias, str):
+            keys.add(info.alias)
+        if isinstance(info.validation_alias, str):
+            keys.add(info.validation_alias)
+    return frozenset(keys)

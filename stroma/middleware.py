@@ -82,16 +82,20 @@ async def execute_step(
     """Run *func* on *input_state* as one reliable, observable step; never raises for a
     failure of the step itself.
 
-    *func* is called as ``func(state)`` or, if it takes two positional parameters,
-    ``func(state, ctx.context)``; it may be a coroutine function or a plain function (a plain
-    function runs on the event loop's thread, so it should not block for long; a timeout cannot
-    interrupt it). It returns a state, or ``(state, tokens)``, ``(state, input_tokens, model)``
-    or ``(state, input_tokens, output_tokens, model)``; usage can also be reported from inside
+    *func* is called as ``func(state)`` or, if its second positional parameter has no default
+    (or is named ``context`` or ``ctx``), ``func(state, ctx.context)``; it may be a coroutine
+    function or a plain function (a plain function runs on the event loop's thread, so it should
+    not block for long; a timeout cannot interrupt it). It returns a state, or
+    ``(state, tokens)``, ``(state, input_tokens, model)`` or
+    ``(state, input_tokens, output_tokens, model)``; usage can also be reported from inside
     with :func:`stroma.report_usage`.
 
     With *contract*, the input and output are validated against it (it is registered in
     ``ctx.registry`` if it is not there yet) and the validated output is checkpointed; without
-    one, states pass through unvalidated and only model outputs are checkpointed.
+    one, states pass through unvalidated and only model outputs are checkpointed, except that a
+    ``dict`` output of a step whose input is a pydantic model is returned as an instance of the
+    input's class when it is one without loss (the established behaviour; see
+    :func:`stroma._step_io.as_input_class`).
 
     Returns the run's :class:`~stroma.trace.ExecutionResult` so far: ``COMPLETED`` with the
     output as ``final_state``; ``FAILED`` (terminal failure, invalid input) or ``PARTIAL``
@@ -216,7 +220,7 @@ async def _run_step(step: StepState, func: Callable[..., Any], input_state: Any)
             if contract is not None:
                 output_model = ctx.registry.validate_output(step_id, raw_output)
             else:
-                output_model = raw_output
+                output_model = _step_io.as_input_class(validated_input, raw_output)
         except Exception as exc:
             failure = exc
         except BaseException as exc:
