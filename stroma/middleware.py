@@ -344,12 +344,20 @@ def _note_unpriced(ctx: ReliabilityContext, model: str) -> None:
     if model in ctx.unpriced_models:
         return
     ctx.unpriced_models.add(model)
+    seen = len(ctx.unpriced_models)
+    if seen > _UNPRICED_LOGGED:
+        return  # every one is still flagged on its spans and listed in result.unpriced_models
     ctx.run_logger.warning(
         "model %s has no known price: its usage is counted as $0 and flagged stroma.cost.unpriced; "
-        "register a price with stroma.pricing.set_price() (budget unpriced policy: %s)",
+        "register a price with stroma.pricing.set_price() (budget unpriced policy: %s)%s",
         model,
         ctx.budget.unpriced,
+        "; further unpriced models of this run are not logged" if seen == _UNPRICED_LOGGED else "",
     )
+
+
+_UNPRICED_LOGGED = 20
+"""Unpriced models logged per run (one line each); later ones are only flagged."""
 
 
 def _unpriced_stop(step: StepState) -> bool:

@@ -124,3 +124,21 @@ async def test_error_type_is_bounded(capture: TelemetryCapture) -> None:
     assert types and all(len(t) <= MAX_LABEL_CHARS for t in types)
     assert result.error is not None and len(result.error) < 2_000
     assert all(len(v) <= MAX_LABEL_CHARS for v in _label_values(capture, "error.type"))
+
+
+async def test_unpriced_model_warnings_are_bounded_per_run(caplog: pytest.LogCaptureFixture) -> None:
+    ctx = ReliabilityContext.for_run(RunConfig(), ContractRegistry(), None)
+    counter = 0
+
+    async def step(state: dict[str, Any]) -> Any:
+        nonlocal counter
+        counter += 1
+        return state, 1, 1, f"private-model-{counter}"
+
+    with caplog.at_level(logging.WARNING, logger="stroma"):
+        for _ in range(30):
+            result = await execute_step("many", step, {"a": 1}, ctx)
+    lines = [r for r in caplog.records if "has no known price" in r.getMessage()]
+    assert len(lines) == 20
+    assert "not logged" in lines[-1].getMessage()
+    assert len(result.unpriced_models) == 30
