@@ -232,7 +232,7 @@ class BoundaryValidator:
         try:
             if isinstance(raw, schema):
                 model = _revalidate_instance(raw)
-                if model == raw:
+                if model.__dict__ == raw.__dict__ and model.__pydantic_extra__ == raw.__pydantic_extra__:
                     model = raw  # nothing was coerced: keep the caller's object
                 self._check_values(node_id, direction, raw, model)
                 return model
