@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from stroma import ContractRegistry, NodeContract, ReliabilityContext, RunConfig, RunStatus, StromaRunner
@@ -114,3 +115,11 @@ def test_in_memory_store_never_holds_the_broken_instance() -> None:
     result = runner.run_sync([summarize], Doc(text="a"))
     assert result.status is RunStatus.FAILED
     assert store.load(result.run_id, "summarize") is None
+
+
+def test_revalidation_without_pydantic_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pydantic < 2.11 has no ``by_name``: aliased fields are then passed by their alias."""
+    import stroma.contracts
+
+    monkeypatch.setattr(stroma.contracts, "_VALIDATE_BY_NAME", False)
+    test_aliases_extras_and_private_attributes_survive_revalidation()
