@@ -64,10 +64,12 @@ class ExecutionBudget(BaseModel):
             ``"fail"`` (the run stops as ``PARTIAL``: spend can no longer be enforced). The
             step loop applies this policy; :class:`CostTracker` only records the flag.
 
-    A limit of 0 is allowed and means nothing may be spent: no attempt starts. Negative,
-    NaN, infinite or non-numeric limits raise :class:`~stroma.errors.ConfigurationError`
-    naming the setting. Budgets are immutable (note that pydantic's ``model_copy(update=...)``
-    skips validation; build a new budget instead).
+    A limit of 0 is allowed and means nothing may be spent: no attempt starts (the one rule for
+    the library and the CLI). Negative, NaN, infinite or non-numeric limits (strings such as
+    ``"0.1"`` included: they are refused, not parsed) raise
+    :class:`~stroma.errors.ConfigurationError` naming the setting.
+    Budgets are immutable (note that pydantic's ``model_copy(update=...)`` skips validation;
+    build a new budget instead).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -99,6 +101,10 @@ class ExecutionBudget(BaseModel):
     def _no_bools(cls, value: Any) -> Any:
         if isinstance(value, bool):
             raise ValueError("must be a number or None, not a bool")
+        if isinstance(value, (str, bytes, bytearray)):
+            # "0.1" is refused rather than parsed: a limit read from text should be converted
+            # (and checked) where it is read, so a typo cannot become a budget silently
+            raise ValueError("must be a number or None, not a string")
         return value
 
     @field_validator("max_tokens_total", "max_cost_usd", "max_latency_ms", mode="after")

@@ -24,7 +24,9 @@ from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 from opentelemetry.trace import set_span_in_context as _set_span_in_context
 
 from stroma._version import __version__
+from stroma.errors import exception_types
 from stroma.telemetry import names as n
+from stroma.telemetry._bounds import LabelValues
 from stroma.telemetry.providers import lost, resolve_providers
 from stroma.telemetry.records import SpanRecord
 from stroma.telemetry.settings import TelemetrySettings
@@ -49,12 +51,12 @@ class _FaultLog:
             first = component not in self._seen
             self._seen.add(component)
         if first:
+            # types only, no traceback: a redactor's or serialiser's exception can quote the content
             logger.warning(
                 "stroma telemetry: %s failed (%s); the run continues, later faults of this kind are "
                 "counted in stroma.telemetry.errors but not logged",
                 component,
-                type(exc).__name__,
-                exc_info=exc,
+                exception_types(exc),
             )
 
 
@@ -74,6 +76,9 @@ class Telemetry:
         self.max_content_chars = settings.resolved_max_content_chars()
         self.redactor = settings.redactor
         self._metric_keys: dict[tuple[str, ...], dict[str, str]] = {}
+        # model names and error types come from user code: bounded in length and in distinct
+        # values per label (past the bound: "_other"), see stroma.telemetry._bounds
+        self.label_values = LabelValues()
         self.tracer: Any = None
         self.providers: tuple[int, ...] = ()
         if not self.enabled:
@@ -247,7 +252,14 @@ class Telemetry:
         if not self.enabled:
             return
         try:
-            key = (n.WORKFLOW, workflow, n.STEP_ID, step_id, n.MODEL, model or "unknown")
+            key = (
+                n.WORKFLOW,
+                workflow,
+                n.STEP_ID,
+                step_id,
+                n.MODEL,
+                self.label_values.admit(n.MODEL, model or "unknown"),
+            )
             sums = self.sums
             sums.add(n.METRIC_COST, key, cost)
             sums.add(n.METRIC_INPUT_TOKENS, key, input_tokens)
@@ -280,7 +292,7 @@ class Telemetry:
                         n.FAILURE_CLASS,
                         failure_class,
                         n.ERROR_TYPE,
-                        error_type,
+                        self.label_values.admit(n.ERROR_TYPE, error_type),
                     ),
                     1,
                 )
@@ -290,7 +302,7 @@ class Telemetry:
                     metric, keys = counted
                     labels: tuple[str, ...] = (n.WORKFLOW, workflow, n.STEP_ID, step_id)
                     for key in keys:
-                        labels += (key, str(attrs.get(key, "")))
+                        labels += (key, self.label_values.admit(key, str(attrs.get(key, ""))))
                     sums.add(metric, labels, 1)
         except Exception as exc:
             faults.report("metrics", exc)
