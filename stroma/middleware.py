@@ -388,6 +388,7 @@ def _finish_attempt(
         if unpriced:
             _note_unpriced(ctx, model or "unknown")
     step.attempts += 1
+    ctx.check_budget_warning(step.record, step.step_id)
     if ctx.gate.active:
         ctx.gate.leave(cost, in_tok + out_tok)
     arecord.end_ns = time.time_ns()
