@@ -7,6 +7,7 @@ at the end of the SDK pipeline record in memory instead of sending over the netw
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import threading
 import time
@@ -152,16 +153,15 @@ async def test_the_warning_is_recorded_once_per_run_counted_and_exported_promptl
     ctx = ReliabilityContext.for_run(cfg, ContractRegistry(), None)
 
     async def spend(doc: Doc) -> Any:
-        return {"text": doc.text}, 300, 0, "gpt-4o"
+        return {"text": doc.text}, 100, 0, "gpt-4o"
 
     with ctx.as_run():
         statuses = []
-        for _ in range(3):  # 300, 600, 900 tokens: crosses 80 % at the third step only
+        for _ in range(9):  # 100 ... 900 tokens: reaches 80 % at the 8th step, stays above at the 9th
             step = await execute_step("spend", spend, Doc(text="x"), ctx)
             statuses.append(step.status)
-        # a fourth step would breach; stop at 90 % instead
         ctx.build_result(RunStatus.COMPLETED, None)
-    assert statuses == [RunStatus.COMPLETED] * 3
+    assert statuses == [RunStatus.COMPLETED] * 9
 
     def warning_exported() -> bool:
         labels = {n.WORKFLOW: "prompt-warning", n.BUDGET_DIMENSION: "tokens", n.STEP_ID: "spend"}
@@ -180,8 +180,8 @@ async def test_the_warning_is_recorded_once_per_run_counted_and_exported_promptl
     assert event.attributes is not None
     assert event.attributes[n.BUDGET_DIMENSION] == "tokens"
     assert event.attributes[n.BUDGET_LIMIT] == 1000
-    assert event.attributes[n.BUDGET_USAGE] == 900
-    assert event.attributes[n.BUDGET_UTILIZATION] == pytest.approx(0.9)
+    assert event.attributes[n.BUDGET_USAGE] == 800
+    assert event.attributes[n.BUDGET_UTILIZATION] == pytest.approx(0.8)
     assert event.attributes[n.BUDGET_WARN_AT_PCT] == 0.8
 
 
@@ -203,6 +203,34 @@ async def test_the_warning_threshold_is_configurable_and_can_be_turned_off(servi
     service.meter_provider.force_flush()
     assert service.metrics.total(n.METRIC_BUDGET_WARNINGS, **{n.WORKFLOW: "warn-at-half"}) == 1
     assert service.metrics.total(n.METRIC_BUDGET_WARNINGS, **{n.WORKFLOW: "warn-off"}) == 0
+
+
+async def test_each_limited_dimension_warns_once_latency_included(service: Service) -> None:
+    budget = ExecutionBudget(max_tokens_total=1000, max_latency_ms=2000)
+    cfg = RunConfig(telemetry=service.settings, workflow_name="two-dimensions", budget=budget)
+    ctx = ReliabilityContext.for_run(cfg, ContractRegistry(), None)
+
+    async def slow(doc: Doc) -> Any:
+        await asyncio.sleep(0.85)  # 2 x 0.85 s of a 2 s latency budget: 85 % at the second step
+        return {"text": doc.text}, 450, 0, "gpt-4o"  # 2 x 450 tokens: 90 % at the second step
+
+    with ctx.as_run():
+        for _ in range(2):
+            step = await execute_step("slow", slow, Doc(text="x"), ctx)
+            assert step.status is RunStatus.COMPLETED
+        ctx.build_result(RunStatus.COMPLETED, None)
+    service.meter_provider.force_flush()
+    for dimension in ("tokens", "latency"):
+        labels = {n.WORKFLOW: "two-dimensions", n.BUDGET_DIMENSION: dimension}
+        assert service.metrics.total(n.METRIC_BUDGET_WARNINGS, **labels) == 1, dimension
+    service.tracer_provider.force_flush()
+    warned = [
+        event.attributes[n.BUDGET_DIMENSION]
+        for span in service.spans.get_finished_spans()
+        for event in span.events
+        if event.name == n.EVENT_BUDGET_WARNING and event.attributes is not None
+    ]
+    assert sorted(warned) == ["latency", "tokens"]
 
 
 @pytest.mark.parametrize("bad", [0, -0.1, 1.01, float("nan"), float("inf"), True])
