@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from stroma._admission import BudgetGate
 from stroma.contracts import ContractRegistry
-from stroma.cost import BudgetExceeded, CostTracker, ExecutionBudget, FallbackPolicy, NodeUsage
+from stroma.cost import BudgetExceeded, CostTracker, Dimension, ExecutionBudget, FallbackPolicy, NodeUsage
 from stroma.errors import exception_types
 from stroma.failures import Classifier, PolicyMap, RetryBudget
 from stroma.pricing import preload as preload_prices
@@ -120,10 +120,18 @@ class ReliabilityContext:
     finished: bool = field(init=False, default=False)
     _hook_faults: set[str] = field(init=False, default_factory=set)
     gate: BudgetGate = field(init=False)
+    # limited dimensions not yet warned about: (dimension, limit) (see check_budget_warning)
+    _unwarned: list[tuple[str, float]] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
         self.run_logger = logging.LoggerAdapter(logger, {"run_id": self.run_id})
         self.gate = BudgetGate(self.budget)
+        if self.budget.warn_at_pct is not None:
+            dimensions: tuple[Dimension, ...] = ("tokens", "cost", "latency")
+            for dimension in dimensions:
+                limit = self.budget.limit(dimension)
+                if limit is not None and limit > 0:
+                    self._unwarned.append((dimension, limit))
         # Span records are kept for the run sinks (the local run store) only.
         self.keep_records = sinks.has_run_sinks()
 
@@ -244,6 +252,47 @@ class ReliabilityContext:
             attrs[n.BUDGET_DURATION_LIMIT] = float(budget.max_latency_ms) / 1000.0
             attrs[n.BUDGET_DURATION_USAGE] = time.perf_counter() - self.started_perf
         return utilization
+
+    def check_budget_warning(self, record: SpanRecord, step_id: str) -> None:
+        """The early budget warning: call after an attempt's usage is charged.
+
+        The first time this run's use of a limited dimension (tokens, cost in USD, latency in
+        ms since the run started) reaches ``budget.warn_at_pct`` of its limit, *record* (the
+        step span) gets a ``stroma.budget.warning`` event and the ``stroma.budget.warnings``
+        counter is incremented, with an early export so that the warning alert does not wait
+        for the next scheduled one. At most once per run and dimension; costs nothing without
+        a budget or with ``warn_at_pct=None``.
+        """
+        if not self._unwarned:
+            return
+        pct = self.budget.warn_at_pct
+        if pct is None:  # not reached: _unwarned is empty then
+            return
+        for entry in list(self._unwarned):
+            dimension, limit = entry
+            if dimension == "tokens":
+                used = float(self.input_tokens + self.output_tokens)
+            elif dimension == "cost":
+                used = float(self.total_cost)
+            else:
+                used = float(elapsed_ms(self.started_perf))
+            utilization = used / limit
+            if utilization < pct:
+                continue
+            self._unwarned.remove(entry)
+            record.add_event(
+                n.EVENT_BUDGET_WARNING,
+                {
+                    n.BUDGET_DIMENSION: dimension,
+                    n.BUDGET_LIMIT: limit,
+                    n.BUDGET_USAGE: used,
+                    n.BUDGET_UTILIZATION: utilization,
+                    n.BUDGET_WARN_AT_PCT: pct,
+                    n.STEP_ID: step_id,
+                },
+            )
+            if self.telemetry.enabled:
+                self.telemetry.record_budget_warning(self.workflow_name, step_id, dimension)
 
     # --- results -----------------------------------------------------------------------------
 

@@ -419,6 +419,7 @@ def _finish_attempt(
         if unpriced:
             _note_unpriced(ctx, shown or "unknown")
     step.attempts += 1
+    ctx.check_budget_warning(step.record, step.step_id)
     if ctx.gate.active:
         ctx.gate.leave(cost, in_tok + out_tok)
     arecord.end_ns = ended_ns

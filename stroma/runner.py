@@ -210,18 +210,22 @@ class StromaRunner:
         cost_usd: float | None = None,
         latency_ms: int | None = None,
         unpriced: Literal["warn", "fail"] | None = None,
+        warn_at_pct: float | None = None,
     ) -> StromaRunner:
         """Limit each run: total tokens, cost in USD, wall-clock milliseconds (``None``: no limit).
 
-        Replaces the whole budget. *unpriced* (``"warn"`` or ``"fail"``) keeps the current
-        budget's policy when not given.
+        Replaces the whole budget. *unpriced* (``"warn"`` or ``"fail"``) and *warn_at_pct* (the
+        early-warning share, see :class:`~stroma.cost.ExecutionBudget`) keep the current
+        budget's values when not given.
         """
         policy = unpriced if unpriced is not None else self.config.budget.unpriced
+        warn = warn_at_pct if warn_at_pct is not None else self.config.budget.warn_at_pct
         budget = ExecutionBudget(
             max_tokens_total=tokens,
             max_cost_usd=cost_usd,
             max_latency_ms=latency_ms,
             unpriced=policy,
+            warn_at_pct=warn,
         )
         return self._update(budget=budget)
 

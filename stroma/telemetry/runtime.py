@@ -27,6 +27,8 @@ from stroma._version import __version__
 from stroma.errors import exception_types
 from stroma.telemetry import names as n
 from stroma.telemetry._bounds import LabelValues
+from stroma.telemetry._prompt import configure as _configure_prompt_export
+from stroma.telemetry._prompt import export_soon as _export_soon
 from stroma.telemetry.providers import lost, resolve_providers
 from stroma.telemetry.records import SpanRecord
 from stroma.telemetry.settings import TelemetrySettings
@@ -61,6 +63,7 @@ class _FaultLog:
 
 
 faults = _FaultLog()
+_configure_prompt_export(faults.report)
 
 
 class Telemetry:
@@ -81,10 +84,12 @@ class Telemetry:
         self.label_values = LabelValues()
         self.tracer: Any = None
         self.providers: tuple[int, ...] = ()
+        self._flushable: tuple[Any, Any] = (None, None)
         if not self.enabled:
             return
         tracer_provider, meter_provider = resolve_providers(settings.tracer_provider, settings.meter_provider)
         self.providers = (id(tracer_provider), id(meter_provider))
+        self._flushable = (tracer_provider, meter_provider)
         self.tracer = tracer_provider.get_tracer("stroma", __version__)
         meter = meter_provider.get_meter("stroma", __version__)
         # Counters are summed here, in-process, and reported as cumulative observable counters
@@ -304,8 +309,29 @@ class Telemetry:
                     for key in keys:
                         labels += (key, self.label_values.admit(key, str(attrs.get(key, ""))))
                     sums.add(metric, labels, 1)
+                    if name == n.EVENT_BUDGET_EXCEEDED:
+                        self.export_soon()
         except Exception as exc:
             faults.report("metrics", exc)
+
+    def record_budget_warning(self, workflow: str, step_id: str, dimension: str) -> None:
+        """Count one ``stroma.budget.warning`` (at the attempt that crossed the threshold) and
+        export soon, so that the warning alert does not wait for the next scheduled export."""
+        if not self.enabled:
+            return
+        try:
+            self.sums.add(
+                n.METRIC_BUDGET_WARNINGS, (n.WORKFLOW, workflow, n.STEP_ID, step_id, n.BUDGET_DIMENSION, dimension), 1
+            )
+            self.export_soon()
+        except Exception as exc:
+            faults.report("metrics", exc)
+
+    def export_soon(self) -> None:
+        """Ask for an early export of this telemetry's providers (:mod:`stroma.telemetry._prompt`):
+        non-blocking, coalesced with other requests, never raises."""
+        tracer_provider, meter_provider = self._flushable
+        _export_soon(tracer_provider, meter_provider)
 
     def record_run(self, workflow: str, run: SpanRecord, status: str, utilization: float | None) -> None:
         """Metrics of a finished run: count, duration and cost budget utilization."""
@@ -338,6 +364,7 @@ _COUNTERS = (
     (n.METRIC_STEP_RETRIES, "{retry}", "Step retries, by the failure that caused them"),
     (n.METRIC_FALLBACKS, "{fallback}", "Model fallbacks"),
     (n.METRIC_BUDGET_BREACHES, "{breach}", "Budget breaches"),
+    (n.METRIC_BUDGET_WARNINGS, "{warning}", "Runs whose use of a budget dimension reached its warning threshold"),
     (n.METRIC_CONTRACT_VIOLATIONS, "{violation}", "Contract violations"),
     (n.METRIC_RUNS, "{run}", "Finished runs"),
 )
