@@ -35,10 +35,10 @@ fails a run. Unknown models are unpriced, never silently $0 (the step loop marks
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import threading
-import gc
 import time
 from collections.abc import Iterable, Iterator, MutableMapping
 from dataclasses import dataclass, field
