@@ -39,3 +39,7 @@ def _rebuild_checkpoint_error(message: str, run_id: str | None, node_id: str | N
 
 class PipelineChangedError(StromaError, ValueError):
     """A run being resumed was checkpointed by a different pipeline (steps or schemas changed)."""
+
+
+class RunInputChangedError(StromaError, ValueError):
+    """An unfinished run id was given a different initial state than the one it started with."""

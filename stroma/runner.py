@@ -22,7 +22,10 @@ the runner keeps a manifest per run (:mod:`stroma._resume`), so running a run id
   span each) and continues with the first step that did not; the run span links to the original
   run span and carries ``stroma.run.resumed_from`` (the step execution continued from);
 - whose pipeline changed (steps renamed, added, moved, or an output schema changed) raises
-  :class:`~stroma.errors.PipelineChangedError` before any step runs.
+  :class:`~stroma.errors.PipelineChangedError` before any step runs;
+- with a different initial state than the run started with (compared by a fingerprint kept in
+  the manifest, see :mod:`stroma._resume`): a finished run starts a new execution of that run
+  id, an unfinished one raises :class:`~stroma.errors.RunInputChangedError` before any step runs.
 
 ``RunConfig.resume_from=<step id>`` keeps the established meaning: skip the steps before it,
 start from the checkpoint of the step before it, run everything from there again, and end with
@@ -52,7 +55,7 @@ from pydantic import BaseModel
 
 from stroma._parallel import MergeConflict, merge_outputs, run_parallel_stage
 from stroma._pipeline import ConflictRule, ParallelGroup, Plan, PlanCache, Stage, mark_node, parallel
-from stroma._resume import ManifestWriter, ResumePoint, find_resume_point
+from stroma._resume import ManifestWriter, ResumePoint, find_resume_point, input_fingerprint
 from stroma.checkpoint import AsyncCheckpointStore, AsyncInMemoryStore, CheckpointManager, CheckpointStore
 from stroma.config import NodeHooks, RunConfig, StepHooks, check_run_id, new_run_id
 from stroma.contracts import ContractRegistry, NodeContract
@@ -307,7 +310,9 @@ class StromaRunner:
         Raises, before any step runs: :class:`~stroma.errors.ConfigurationError` for a node
         without id or contract, a duplicate step id, or per-step settings naming unknown steps
         (the message lists the known ids); :class:`~stroma.errors.PipelineChangedError` when the
-        run id was checkpointed by a different pipeline. Raises
+        run id was checkpointed by a different pipeline;
+        :class:`~stroma.errors.RunInputChangedError` when an unfinished run id is given a
+        different initial state than it started with. Raises
         :class:`~stroma.errors.CheckpointError` when the checkpoint store fails (fail closed);
         cancellation propagates, with every span ended.
         """
@@ -315,9 +320,10 @@ class StromaRunner:
         config, explicit = self._config_for_run(run_id)
         config.check_step_ids(plan.step_ids)
         manager = self.checkpoint_manager if plan.stages else None
+        fingerprint = input_fingerprint(initial_state) if manager is not None else None
         point: ResumePoint | None = None
         if manager is not None and (explicit or config.resume_from is not None):
-            found = await find_resume_point(manager, config.run_id, plan, config.resume_from)
+            found = await find_resume_point(manager, config.run_id, plan, config.resume_from, fingerprint)
             if isinstance(found, ExecutionResult):
                 return found
             point = found
@@ -327,7 +333,8 @@ class StromaRunner:
         links = point.links if point is not None else None
         resumed_from = point.resumed_from(plan) if point is not None else None
         with ctx.as_run(links=links or None, resumed_from=resumed_from):
-            writer = ManifestWriter(manager, plan, ctx, point.manifest if point else None) if manager else None
+            prior = point.manifest if point else None
+            writer = ManifestWriter(manager, plan, ctx, prior, fingerprint) if manager else None
             if writer is not None:
                 await writer.save()
             progress = _Progress(initial_state)
