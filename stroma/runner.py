@@ -49,7 +49,7 @@ import asyncio
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, Final, Literal, TypeVar
 
 from pydantic import BaseModel
 
@@ -63,6 +63,7 @@ from stroma.cost import ExecutionBudget, FallbackPolicy
 from stroma.errors import ConfigurationError
 from stroma.failures import Classifier, FailureClass, PolicyMap
 from stroma.middleware import ReliabilityContext, execute_step
+from stroma.telemetry import sinks
 from stroma.trace import ExecutionResult, RunStatus
 
 __all__ = [
@@ -333,28 +334,33 @@ class StromaRunner:
         links = point.links if point is not None else None
         resumed_from = point.resumed_from(plan) if point is not None else None
         with ctx.as_run(links=links or None, resumed_from=resumed_from):
-            prior = point.manifest if point else None
-            writer = ManifestWriter(manager, plan, ctx, prior, fingerprint) if manager else None
-            if writer is not None:
-                await writer.save()
-            progress = _Progress(initial_state)
-            deadline = config.run_timeout_ms
             try:
-                if deadline is None:
-                    result = await self._drive(plan, ctx, point, progress, writer)
-                else:
-                    result = await _within(self._drive(plan, ctx, point, progress, writer), ctx, deadline)
-            except _DeadlinePassed:
-                result = ctx.build_result(
-                    RunStatus.PARTIAL,
-                    progress.state,
-                    error=f"run deadline of {deadline} ms passed",
-                    failed_step=progress.step_id,
-                )
-            if writer is not None:
-                status = result.status
-                await writer.save(status.otel_value, result if status in _FINISHED else None)
-            return result
+                prior = point.manifest if point else None
+                writer = ManifestWriter(manager, plan, ctx, prior, fingerprint) if manager else None
+                if writer is not None:
+                    await writer.save()
+                progress = _Progress(initial_state)
+                deadline = config.run_timeout_ms
+                try:
+                    if deadline is None:
+                        result = await self._drive(plan, ctx, point, progress, writer)
+                    else:
+                        result = await _within(self._drive(plan, ctx, point, progress, writer), ctx, deadline)
+                except _DeadlinePassed:
+                    result = ctx.build_result(
+                        RunStatus.PARTIAL,
+                        progress.state,
+                        error=f"run deadline of {deadline} ms passed",
+                        failed_step=progress.step_id,
+                    )
+                if writer is not None:
+                    status = result.status
+                    await writer.save(status.otel_value, result if status in _FINISHED else None)
+                return result
+            except BaseException as exc:
+                if not isinstance(exc, Exception):  # Ctrl-C, cancellation, interpreter exit
+                    _record_interrupted(ctx, exc)
+                raise
 
     def run_sync(self, nodes: Sequence[Any], initial_state: Any, *, run_id: str | None = None) -> ExecutionResult:
         """:meth:`run` for scripts: runs it on a new event loop (``asyncio.run``).
@@ -451,6 +457,37 @@ class StromaRunner:
 
 
 _FINISHED = frozenset({RunStatus.COMPLETED, RunStatus.RESUMED})
+
+
+INTERRUPTED: Final = "interrupted"
+"""The run-store status of a run ended by ``KeyboardInterrupt``, cancellation or exit."""
+
+
+def _record_interrupted(ctx: ReliabilityContext, exc: BaseException) -> None:
+    """Hand an interrupted run to the run sinks (the local run store) before it propagates.
+
+    A run ended by Ctrl-C never builds a result, so without this it vanished from ``stroma
+    runs`` (issue 8 B9). The record carries the steps that finished; the run's manifest is left
+    as it was, so running the run id again resumes it. Never raises (a sink failure is the
+    sinks' to log); the run span itself is ended by ``as_run`` as before.
+    """
+    if ctx.finished or not sinks.has_run_sinks():
+        return  # a run that built its result was recorded with its own status
+    run_records = (ctx.run_record,) if ctx.run_record is not None else ()
+    sinks.emit(  # never raises: a failing sink is logged once by sinks
+        sinks.FinishedRun(
+            run_id=ctx.run_id,
+            workflow_name=ctx.workflow_name,
+            status=INTERRUPTED,
+            total_cost_usd=ctx.total_cost,
+            input_tokens=ctx.input_tokens,
+            output_tokens=ctx.output_tokens,
+            error=f"interrupted ({type(exc).__name__})",
+            records=(*run_records, *ctx.records),
+            budget=ctx.budget.model_dump(),
+        )
+    )
+    ctx.records.clear()
 
 
 def _stop(ctx: ReliabilityContext, outcome: ExecutionResult) -> ExecutionResult:

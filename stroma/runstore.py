@@ -5,6 +5,8 @@ sink (:mod:`stroma.telemetry.sinks`): every run that finishes in the process is 
 row holding the run's summary (id, workflow, status, start, duration, cost, tokens, trace id,
 budget) and its span records (:meth:`SpanRecord.to_dict`, plus the index of each record's
 parent, so the tree can be rebuilt even when telemetry is off and records have no span ids).
+A run of :class:`~stroma.runner.StromaRunner` ended by Ctrl-C (``KeyboardInterrupt``) or
+cancellation is written too, with status ``"interrupted"`` and the steps it finished.
 
 For library users it is opt-in: call :func:`enable_local_store`, or set ``STROMA_RUN_STORE``
 (merely setting it enables the store, see :func:`enable_from_env`). ``stroma demo`` always
@@ -140,7 +142,8 @@ class RunSummary:
     ``started_at`` is timezone-aware UTC; ``duration_s`` in seconds; ``cost_usd`` in USD.
     ``details`` holds the rest: ``budget`` (the run's limits), ``steps``, ``attempts``,
     ``retries``, ``fallbacks``, ``breaches`` (dimensions), ``utilization`` (cost usage / limit),
-    ``records_dropped``.
+    ``records_dropped``; for a run with status ``"interrupted"`` (ended by Ctrl-C or
+    cancellation) also ``finished_steps``, the ids of the steps that completed before it.
     """
 
     seq: int
@@ -244,6 +247,13 @@ def _summarise(run: sinks.FinishedRun, records: list[dict[str, Any]]) -> tuple[i
         "breaches": breaches,
         "utilization": utilization,
     }
+    if run.status == "interrupted":
+        # Ctrl-C or cancellation: which steps completed before it (resuming the run id skips them).
+        details["finished_steps"] = [
+            str(r["attributes"].get(n.STEP_ID, r["name"]))
+            for r in steps
+            if r.get("end_ns") is not None and r.get("error_type") is None
+        ]
     return started_ns, duration_s, trace_id, details
 
 
