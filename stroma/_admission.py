@@ -45,7 +45,17 @@ class BudgetGate:
     finished attempt, ``0`` until one was seen. Thread-safe; each waiter is woken on its own loop.
     """
 
-    __slots__ = ("_lock", "_waiters", "cost_limit", "inflight", "max_cost", "max_tokens", "token_limit")
+    __slots__ = (
+        "_lock",
+        "_loop",
+        "_shared",
+        "_waiters",
+        "cost_limit",
+        "inflight",
+        "max_cost",
+        "max_tokens",
+        "token_limit",
+    )
 
     def __init__(self, budget: ExecutionBudget) -> None:
         self.cost_limit = budget.max_cost_usd
@@ -54,6 +64,8 @@ class BudgetGate:
         self.max_cost = 0.0
         self.max_tokens = 0
         self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._shared = False  # used from more than one event loop (threads)
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
 
     @property
@@ -72,19 +84,26 @@ class BudgetGate:
         )
 
     async def enter(self, read_spent: Callable[[], tuple[float, int]]) -> bool:
-        """Wait until an attempt may start; returns ``True`` if it had to wait.
+        """Wait until an attempt may start; returns ``True`` when the caller must check the
+        budget again (others may have spent since it last did).
 
-        *read_spent* returns ``(cost, tokens)`` spent by the run so far; it is read again after
-        every wake-up, since others spend while this one waits. Runs on the calling task's loop.
+        That is when it had to wait, and always once the gate is used from several event loops:
+        another thread may spend between the caller's budget check and this call. *read_spent*
+        returns ``(cost, tokens)`` spent by the run so far; it is read again after every
+        wake-up. Runs on the calling task's loop.
         """
         waited = False
         loop = asyncio.get_running_loop()
         while True:
             with self._lock:
+                if self._loop is not loop:
+                    if self._loop is not None:
+                        self._shared = True
+                    self._loop = loop
                 cost, tokens = read_spent()
                 if self._admissible(cost, tokens):
                     self.inflight += 1
-                    return waited
+                    return waited or self._shared
                 waiter: asyncio.Future[None] = loop.create_future()
                 entry = (loop, waiter)
                 self._waiters.append(entry)

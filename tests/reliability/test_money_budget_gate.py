@@ -153,6 +153,8 @@ def test_two_event_loops_in_two_threads_share_one_budgeted_context() -> None:
         assert not any(t.is_alive() for t in threads), f"trial {trial}: the two loops deadlocked on the budget gate"
         assert errors == []
         statuses = outcomes["t0"] + outcomes["t1"]
-        assert statuses.count(RunStatus.COMPLETED) == 20  # 20.5 calls: the 21st crosses the limit
+        # 20.5 calls: the 21st crosses the limit and is the last one to start. (A step whose call
+        # ended just before may report PARTIAL: its budget check can see the other thread's spend.)
         assert calls == 21
+        assert 19 <= statuses.count(RunStatus.COMPLETED) <= 20
         assert ctx.total_cost - 20.5 * one_call <= one_call + 1e-12
