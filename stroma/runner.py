@@ -310,7 +310,9 @@ class StromaRunner:
 
         Raises, before any step runs: :class:`~stroma.errors.ConfigurationError` for a node
         without id or contract, a duplicate step id, or per-step settings naming unknown steps
-        (the message lists the known ids); :class:`~stroma.errors.PipelineChangedError` when the
+        (the message lists the known ids), or a step whose required input field the step before
+        it never outputs (the message names both steps and the field; see
+        :meth:`~stroma._pipeline.Plan.check_feeds`); :class:`~stroma.errors.PipelineChangedError` when the
         run id was checkpointed by a different pipeline;
         :class:`~stroma.errors.RunInputChangedError` when an unfinished run id is given a
         different initial state than it started with. Raises
@@ -320,6 +322,7 @@ class StromaRunner:
         plan = self._plans.plan(nodes, self.registry)
         config, explicit = self._config_for_run(run_id)
         config.check_step_ids(plan.step_ids)
+        plan.check_feeds(_stage_index(plan, config.resume_from) if config.resume_from is not None else 0)
         manager = self.checkpoint_manager if plan.stages else None
         fingerprint = input_fingerprint(initial_state) if manager is not None else None
         point: ResumePoint | None = None
