@@ -257,6 +257,16 @@ def _summarise(run: sinks.FinishedRun, records: list[dict[str, Any]]) -> tuple[i
     return started_ns, duration_s, trace_id, details
 
 
+def _close_interrupted(records: list[dict[str, Any]]) -> None:
+    """An interrupted run is stored before its run span ends: end the stored copy of the run
+    record now (its duration is then the run's), marked interrupted."""
+    now = time.time_ns()
+    for record in records:
+        if record["kind"] == n.SPAN_RUN and record.get("end_ns") is None:
+            record["end_ns"] = now
+            record["attributes"][n.RUN_STATUS] = "interrupted"
+
+
 def _summary_from_row(row: Sequence[Any]) -> RunSummary:
     seq, run_id, workflow, status, started_ns, duration_s, cost, input_tokens, output_tokens, trace_id, error, raw = row
     try:
@@ -403,6 +413,8 @@ class LocalRunStore:
             for record in kept:
                 if record["parent"] is not None and record["parent"] >= MAX_RECORDS_PER_RUN:
                     record["parent"] = None
+        if run.status == "interrupted":
+            _close_interrupted(kept)
         started_ns, duration_s, trace_id, details = _summarise(run, kept)
         details["records_dropped"] = len(all_records) - len(kept)
         row = (

@@ -52,6 +52,8 @@ def test_a_run_interrupted_by_sigint_is_listed_as_interrupted(tmp_path: Path, ki
     assert run.details["finished_steps"] == ["first"]
     assert run.error in ("interrupted (KeyboardInterrupt)", "interrupted (CancelledError)")
     assert run.input_tokens == 100 and run.output_tokens == 10 and run.cost_usd > 0
+    run_record = next(r for r in LocalRunStore(store_path).get_run("ctrl-c-run").records if r["kind"] == "run")
+    assert run_record["end_ns"] is not None and run_record["attributes"]["stroma.run.status"] == "interrupted"
 
     listed = subprocess.run(
         [sys.executable, "-m", "stroma.cli", "runs", "--json"],
