@@ -8,6 +8,8 @@ import logging
 import os
 import sqlite3
 import stat
+import subprocess
+import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -333,3 +335,27 @@ def test_no_connection_stays_open_between_operations(tmp_path: Path) -> None:
         assert _open_fds(path) == []
         del store
         gc.collect()
+
+
+def test_a_script_under_x_dev_prints_no_resource_warning(tmp_path: Path) -> None:
+    """Issue 8 A2: ``python -X dev`` showed ``ResourceWarning: unclosed database`` at exit (3.13)."""
+    script = tmp_path / "script.py"
+    script.write_text(
+        "from pydantic import BaseModel\n"
+        "from stroma.runner import StromaRunner\n"
+        "class V(BaseModel):\n"
+        "    v: int\n"
+        "runner = StromaRunner.quick()\n"
+        "@runner.node('one', input=V, output=V)\n"
+        "async def one(x: V) -> V:\n"
+        "    return V(v=x.v + 1)\n"
+        "print(runner.run_sync([one], V(v=1)).status.value)\n"
+    )
+    env = {**os.environ, runstore.ENV_PATH: str(tmp_path / "runs.sqlite3")}
+    env.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
+    done = subprocess.run(
+        [sys.executable, "-X", "dev", str(script)], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "COMPLETED", done.stderr
+    assert "ResourceWarning" not in done.stderr
+    assert LocalRunStore(tmp_path / "runs.sqlite3").count() == 1
