@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from pydantic import BaseModel
 
 from stroma import FailureClass, FailurePolicy, RunStatus
+from stroma.checkpoint import AsyncInMemoryStore, SQLiteStore
 from stroma.errors import RunInputChangedError
 from stroma.runner import StromaRunner
 
@@ -18,6 +21,17 @@ FAST = {
     FailureClass.AMBIGUOUS: FailurePolicy(max_retries=0, backoff_seconds=0.0),
     FailureClass.TERMINAL: FailurePolicy(max_retries=0, backoff_seconds=0.0),
 }
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def runner(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StromaRunner]:
+    """A runner over an in-memory store and over a real SQLite file."""
+    if request.param == "memory":
+        yield StromaRunner.quick(store=AsyncInMemoryStore(), policy_map=FAST)
+        return
+    store = SQLiteStore(tmp_path / "checkpoints.sqlite3")
+    yield StromaRunner.quick(store=store, policy_map=FAST)
+    store.close()
 
 
 class Topic(BaseModel):
@@ -48,8 +62,7 @@ def pipeline(runner: StromaRunner, calls: Counter[str], broken: set[str]) -> lis
     return [draft, publish]
 
 
-async def test_a_finished_run_id_given_another_input_runs_again_for_that_input() -> None:
-    runner = StromaRunner.quick(policy_map=FAST)
+async def test_a_finished_run_id_given_another_input_runs_again_for_that_input(runner: StromaRunner) -> None:
     calls: Counter[str] = Counter()
     nodes = pipeline(runner, calls, set())
     first = await runner.run(nodes, Topic(topic="sales"), run_id="daily-report")
@@ -66,8 +79,7 @@ async def test_a_finished_run_id_given_another_input_runs_again_for_that_input()
     assert calls == Counter({"draft": 2, "publish": 2})
 
 
-async def test_an_unfinished_run_id_given_another_input_is_refused_before_anything_runs() -> None:
-    runner = StromaRunner.quick(policy_map=FAST)
+async def test_an_unfinished_run_id_given_another_input_is_refused_before_anything_runs(runner: StromaRunner) -> None:
     calls: Counter[str] = Counter()
     broken = {"publish"}
     nodes = pipeline(runner, calls, broken)
@@ -86,9 +98,8 @@ async def test_an_unfinished_run_id_given_another_input_is_refused_before_anythi
 
 
 async def test_a_manifest_without_a_fingerprint_resumes_with_a_warning_naming_the_run(
-    caplog: pytest.LogCaptureFixture,
+    runner: StromaRunner, caplog: pytest.LogCaptureFixture
 ) -> None:
-    runner = StromaRunner.quick(policy_map=FAST)
     calls: Counter[str] = Counter()
     nodes = pipeline(runner, calls, set())
     first = await runner.run(nodes, Topic(topic="sales"), run_id="from-0.9")
