@@ -75,3 +75,7 @@ def exception_types(exc: BaseException) -> str:
         cause = current.__cause__
         current = cause if cause is not None else (None if current.__suppress_context__ else current.__context__)
     return " <- ".join(names)
+
+
+class RunInputChangedError(StromaError, ValueError):
+    """An unfinished run id was given a different initial state than the one it started with."""
