@@ -3,11 +3,16 @@
 It accepts any store, sync or async, shipped with Stroma or not:
 
 - async methods are awaited on the calling task;
-- sync methods run in a worker thread (``asyncio.to_thread``) so file or network I/O never blocks
-  the event loop, unless the store declares ``blocking = False`` (the in-memory store), in which
-  case they are called directly on the loop. Sync stores must therefore be thread-safe.
+- sync methods run in a worker thread so file or network I/O never blocks the event loop, unless
+  the store declares ``blocking = False`` (the in-memory store), in which case they are called
+  directly on the loop. Sync stores must therefore be thread-safe.
 
-Every call is bounded by ``timeout_seconds``. Store failures surface as
+Every call is bounded by ``timeout_seconds``. A sync call that overruns it is abandoned, not
+waited for: the caller gets the timeout's ``CheckpointError`` at once, and the event loop can close
+(``asyncio.run`` / ``run_sync`` return) while the call is still running. Each sync call therefore
+runs on its own daemon thread rather than the loop's default executor, whose shutdown would wait for
+it; a store call that never returns keeps its thread (idle, blocked in the store) for the life of
+the process, and does not keep the process from exiting. Store failures surface as
 :class:`~stroma.errors.CheckpointError` naming the store kind, the run and the step (scenario 15:
 fail closed); ``asyncio.CancelledError`` and other ``BaseException`` pass through untouched and are
 never retried (design §3 item 8). Malformed arguments (an empty run id, a state that is not a
@@ -37,8 +42,11 @@ checkpoint under the reserved step id ``"\\x00stroma:manifest"`` (user step ids 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import inspect
 import sys
+import threading
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final, TypeVar
 
@@ -84,6 +92,39 @@ def _manifest_step_ids(manifest: Mapping[str, Any] | None) -> list[str]:
         if isinstance(step_id, str) and step_id and step_id not in ids:
             ids.append(step_id)
     return ids
+
+
+async def _on_daemon_thread(method: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+    """Run a blocking store call on a new daemon thread and await its outcome.
+
+    Unlike ``asyncio.to_thread`` (the loop's default executor, which ``asyncio.run`` joins on exit),
+    a call the caller has given up on (timeout, cancellation) does not hold up the loop's shutdown
+    or the interpreter's exit. The call sees the caller's context variables, as with ``to_thread``.
+    """
+    loop = asyncio.get_running_loop()
+    outcome: asyncio.Future[Any] = loop.create_future()
+    context = contextvars.copy_context()
+
+    def settle(error: BaseException | None, value: Any) -> None:
+        if outcome.done():  # the caller timed out or was cancelled: drop the late answer
+            return
+        if error is None:
+            outcome.set_result(value)
+        else:
+            outcome.set_exception(error)
+
+    def work() -> None:
+        error: BaseException | None = None
+        value: Any = None
+        try:
+            value = context.run(method, *args)
+        except BaseException as exc:  # handed to the awaiting task, which re-raises it
+            error = exc
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits for this call any more
+            loop.call_soon_threadsafe(settle, error, value)
+
+    threading.Thread(target=work, name="stroma-checkpoint-call", daemon=True).start()
+    return await outcome
 
 
 class CheckpointManager:
@@ -138,7 +179,7 @@ class CheckpointManager:
         if inspect.iscoroutinefunction(method):
             return await method(*args)
         if self._blocking:
-            result = await asyncio.to_thread(method, *args)
+            result = await _on_daemon_thread(method, args)
         else:
             result = method(*args)
         if inspect.isawaitable(result):

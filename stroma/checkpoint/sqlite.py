@@ -12,6 +12,13 @@ Where the file lives, in order: the ``path`` argument > ``$STROMA_CHECKPOINT_DB`
 created). ``":memory:"`` gives a private, non-durable database.
 
 Nothing is expired automatically: ``delete(run_id)`` removes a run.
+
+Fork: a store created before ``os.fork()`` (or a ``multiprocessing`` "fork" child) works in the
+child too. The child never touches what it inherited (SQLite forbids using a connection across a
+fork): it opens its own connection to the same file on first use and, for ``AsyncSQLiteStore``,
+starts its own worker thread. The inherited connection and executor are kept, unused and never
+closed, for the life of the child (closing them could disturb the parent's locks). A ``":memory:"``
+store is private to each process: the child keeps its copy of the parent's data.
 """
 
 from __future__ import annotations
@@ -87,6 +94,25 @@ def _close_quietly(connection: sqlite3.Connection) -> None:
     connection.close()
 
 
+# Every store alive in this process, so that a forked child can drop what it inherited (issue 8,
+# E18: an executor whose thread did not survive the fork made every call in the child time out).
+_LIVE_STORES: weakref.WeakSet[SQLiteStore] = weakref.WeakSet()
+_LIVE_ASYNC_STORES: weakref.WeakSet[AsyncSQLiteStore] = weakref.WeakSet()
+# What a forked child inherited and must neither use nor close: held here so it is never collected.
+_INHERITED: list[object] = []
+
+
+def _after_fork_in_child() -> None:
+    for store in list(_LIVE_STORES):
+        store._forget_parent()
+    for async_store in list(_LIVE_ASYNC_STORES):
+        async_store._forget_parent()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX; Windows has no fork
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class SQLiteStore:
     """A synchronous, thread-safe SQLite checkpoint store.
 
@@ -123,11 +149,23 @@ class SQLiteStore:
         self._connection: sqlite3.Connection | None = None
         self._finalizer: weakref.finalize[Any, Any] | None = None
         self._closed = False
+        _LIVE_STORES.add(self)
 
     @property
     def path(self) -> str:
         """The absolute database path (or ``":memory:"``)."""
         return self._path
+
+    def _forget_parent(self) -> None:
+        """In a forked child: a fresh lock (another thread may have held it) and no inherited connection."""
+        self._lock = threading.Lock()
+        if self._connection is None or self._path == _MEMORY:
+            return  # an in-memory database is a private copy: the child may go on using it
+        if self._finalizer is not None:
+            self._finalizer.detach()
+        _INHERITED.append(self._connection)
+        self._connection = None
+        self._finalizer = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._path!r})"
@@ -320,8 +358,10 @@ class AsyncSQLiteStore:
     ) -> None:
         self._store = SQLiteStore(path, timeout_seconds=timeout_seconds, durable=durable)
         self._executor: ThreadPoolExecutor | None = None
+        self._executor_finalizer: weakref.finalize[Any, Any] | None = None
         self._executor_lock = threading.Lock()
         self._closed = False
+        _LIVE_ASYNC_STORES.add(self)
 
     @property
     def path(self) -> str:
@@ -331,11 +371,22 @@ class AsyncSQLiteStore:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._store.path!r})"
 
+    def _forget_parent(self) -> None:
+        """In a forked child: the inherited executor has no thread; the next call starts a new one."""
+        self._executor_lock = threading.Lock()
+        if self._executor is None:
+            return
+        if self._executor_finalizer is not None:
+            self._executor_finalizer.detach()
+        _INHERITED.append(self._executor)
+        self._executor = None
+        self._executor_finalizer = None
+
     def _worker(self) -> ThreadPoolExecutor:
         with self._executor_lock:
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stroma-checkpoint-sqlite")
-                weakref.finalize(self, self._executor.shutdown, False)
+                self._executor_finalizer = weakref.finalize(self, self._executor.shutdown, False)
             return self._executor
 
     async def _run(self, func: Callable[..., T], *args: Any) -> T:
