@@ -235,31 +235,41 @@ class ExecutionTrace:
     # --- diff ------------------------------------------------------------------------------
 
     def diff(self, other: ExecutionTrace) -> list[str]:
-        """Logical differences from *other*, one line each; ``[]`` when equivalent.
+        """Logical differences from *other*, one line per event; ``[]`` when equivalent.
+
+        The lines keep the established package's shapes, in order of step id, then call, then
+        attempt:
+
+        - ``"Missing event in other trace: <step> attempt <n>"``: in this trace only;
+        - ``"Extra event in other trace: <step> attempt <n>"``: in *other* only;
+        - ``"Difference for <step> attempt <n>: <field> <mine> != <theirs>; …"``: paired events
+          that differ, naming every differing field (values are shortened to 200 characters).
 
         Events are paired by ``(step id, call number of that step, attempt)``: a step called
         several times in a run is matched call by call (a new call starts whenever an attempt
-        number does not increase). Compared: states, failure class and message, error type,
-        model, tokens, cost and the unpriced flag. Ignored: run id, timestamps, durations,
-        retry delays and trace/span ids, so two runs of the same pipeline compare equal.
-        Values that differ in Python but have the same JSON form (a tuple and a list, a model
-        and its dict) are equal.
+        number does not increase) and its later calls are labelled ``"<step> attempt <n> (call
+        <k>)"``. Compared: states, failure class and message, error type, model, tokens, cost and
+        the unpriced flag. Ignored: run id, timestamps, durations, retry delays and trace/span ids,
+        so two runs of the same pipeline compare equal. Values that differ in Python but have the
+        same JSON form (a tuple and a list, a model and its dict) are equal.
         """
         mine = _keyed(self._events)
         theirs = _keyed(other._events)
         differences: list[str] = []
-        for key, event in mine.items():
-            counterpart = theirs.get(key)
+        for key in sorted(mine.keys() | theirs.keys()):
+            event, counterpart = mine.get(key), theirs.get(key)
             if counterpart is None:
-                differences.append(f"{_label(key)}: missing from the other trace")
-                continue
-            for name in _DIFF_FIELDS:
-                left, right = getattr(event, name), getattr(counterpart, name)
-                if not _same(left, right):
-                    differences.append(f"{_label(key)}: {name} differs: {_short(left)} != {_short(right)}")
-        for key in theirs:
-            if key not in mine:
-                differences.append(f"{_label(key)}: only in the other trace")
+                differences.append(f"Missing event in other trace: {_label(key)}")
+            elif event is None:
+                differences.append(f"Extra event in other trace: {_label(key)}")
+            else:
+                fields = [
+                    f"{name} {_short(left)} != {_short(right)}"
+                    for name in _DIFF_FIELDS
+                    if not _same(left := getattr(event, name), right := getattr(counterpart, name))
+                ]
+                if fields:
+                    differences.append(f"Difference for {_label(key)}: {'; '.join(fields)}")
         return differences
 
 
@@ -278,7 +288,7 @@ def _keyed(events: Iterable[TraceEvent]) -> dict[tuple[str, int, int], TraceEven
 
 def _label(key: tuple[str, int, int]) -> str:
     node_id, call, attempt = key
-    return f"step {node_id!r} call {call} attempt {attempt}"
+    return f"{node_id} attempt {attempt}" if call == 1 else f"{node_id} attempt {attempt} (call {call})"
 
 
 def _same(left: Any, right: Any) -> bool:

@@ -246,7 +246,7 @@ def test_diff_pairs_repeated_steps_by_call() -> None:
     left = run({"v": 3})
     right = run({"v": 4})
     differences = left.diff(right)
-    assert differences == ["step 'a' call 2 attempt 1: output_state differs: {'v': 3} != {'v': 4}"]
+    assert differences == ["Difference for a attempt 1 (call 2): output_state {'v': 3} != {'v': 4}"]
 
 
 def test_diff_ignores_timing_ids_and_run_id() -> None:
@@ -257,12 +257,12 @@ def test_diff_reports_missing_and_extra_events() -> None:
     left = run({"v": 3})
     right = ExecutionTrace(list(run({"v": 3}))[:2])
     assert left.diff(right) == [
-        "step 'b' call 1 attempt 1: missing from the other trace",
-        "step 'a' call 2 attempt 1: missing from the other trace",
+        "Missing event in other trace: a attempt 1 (call 2)",
+        "Missing event in other trace: b attempt 1",
     ]
     assert right.diff(left) == [
-        "step 'b' call 1 attempt 1: only in the other trace",
-        "step 'a' call 2 attempt 1: only in the other trace",
+        "Extra event in other trace: a attempt 1 (call 2)",
+        "Extra event in other trace: b attempt 1",
     ]
 
 
@@ -270,10 +270,24 @@ def test_diff_compares_failures_models_and_costs() -> None:
     left = ExecutionTrace([failed("a", 1, "timed out"), event("a", 2, model="m1", cost_usd=0.1)])
     right = ExecutionTrace([failed("a", 1, "refused"), event("a", 2, model="m2", cost_usd=0.2)])
     differences = left.diff(right)
-    assert len(differences) == 3
-    assert differences[0].startswith("step 'a' call 1 attempt 1: failure_message differs")
-    assert any("model differs: 'm1' != 'm2'" in d for d in differences)
-    assert any("cost_usd differs" in d for d in differences)
+    assert len(differences) == 2  # one line per differing event, naming each differing field
+    assert differences[0] == "Difference for a attempt 1: failure_message 'timed out' != 'refused'"
+    assert differences[1].startswith("Difference for a attempt 2: model 'm1' != 'm2'; cost_usd 0.1 != 0.2")
+
+
+def test_diff_keeps_the_established_line_shapes() -> None:
+    # stroma 0.3.2 users match on these prefixes (issue 8, F)
+    left = ExecutionTrace([event("node1", input_state={"a": 1})])
+    right = ExecutionTrace([event("node2", input_state={"a": 1})])
+    assert left.diff(right) == [
+        "Missing event in other trace: node1 attempt 1",
+        "Extra event in other trace: node2 attempt 1",
+    ]
+    two_attempts = ExecutionTrace([failed("node1", 1), event("node1", 2)])
+    assert two_attempts.diff(ExecutionTrace([failed("node1", 1)])) == ["Missing event in other trace: node1 attempt 2"]
+    changed = ExecutionTrace([event("node1", output={"a": 2}, model="m2")])
+    (only,) = ExecutionTrace([event("node1", output={"a": 1}, model="m1")]).diff(changed)
+    assert only == "Difference for node1 attempt 1: output_state {'a': 1} != {'a': 2}; model 'm1' != 'm2'"
 
 
 def test_diff_truncates_long_values() -> None:

@@ -26,6 +26,10 @@ name such as ``"sqlite"``, used on span events) and, for sync stores, ``blocking
 ``True``: the manager calls it in a worker thread; ``False``: called directly on the event loop,
 only right for stores that do no I/O). A sync store used through the manager must be thread-safe.
 
+A ``schema`` argument that is not a pydantic model class raises ``TypeError("schema must be a
+BaseModel type …")`` before anything is stored or read (:func:`require_model_class`; the message
+starts as the established package's did, which callers match on).
+
 ``runtime_checkable`` only checks that the methods exist: a sync and an async store both pass
 ``isinstance`` against both protocols; the manager tells them apart with
 ``inspect.iscoroutinefunction``.
@@ -37,6 +41,15 @@ from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
 from pydantic import BaseModel
+
+
+def require_model_class(schema: object) -> type[BaseModel]:
+    """Return *schema* if it is a pydantic model class; raise ``TypeError`` naming it otherwise."""
+    if isinstance(schema, type) and issubclass(schema, BaseModel):
+        return schema
+    raise TypeError(
+        f"schema must be a BaseModel type (a pydantic model class such as the step's output model), got {schema!r}"
+    )
 
 
 @runtime_checkable

@@ -53,7 +53,7 @@ from typing import Any, Final, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from stroma.checkpoint import _codec
-from stroma.checkpoint._protocols import AsyncCheckpointStore, CheckpointStore
+from stroma.checkpoint._protocols import AsyncCheckpointStore, CheckpointStore, require_model_class
 from stroma.errors import CheckpointError, ConfigurationError
 
 DEFAULT_TIMEOUT_SECONDS: Final = 30.0
@@ -74,7 +74,7 @@ class _ManifestRecord(BaseModel):
 def manifest_entry(step_id: str, schema: type[BaseModel]) -> dict[str, str]:
     """One element of a manifest's ``"steps"`` list: the step id and its output schema's identity."""
     _codec.check_step_id(step_id)
-    _codec.check_schema(schema)
+    require_model_class(schema)
     return {
         "step_id": step_id,
         "schema_name": _codec.schema_name(schema),
@@ -257,7 +257,7 @@ class CheckpointManager:
         if schema is None:
             await self._call("save", run_id, node_id, state, action="save", run_id=run_id, step_id=node_id)
             return
-        _codec.check_schema(schema)
+        require_model_class(schema)
         if self._has["save_typed"]:
             await self._call(
                 "save_typed", run_id, node_id, state, schema, action="save", run_id=run_id, step_id=node_id
@@ -274,7 +274,7 @@ class CheckpointManager:
         with, was written by a different schema, does not validate, or the store fails.
         """
         self._check_ids(run_id, node_id)
-        _codec.check_schema(schema)
+        require_model_class(schema)
         if self._has["load_typed"]:
             result = await self._call(
                 "load_typed", run_id, node_id, schema, action="load", run_id=run_id, step_id=node_id

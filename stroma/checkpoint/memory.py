@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel
 
 from stroma.checkpoint import _codec
+from stroma.checkpoint._protocols import require_model_class
 
 
 @dataclass
@@ -61,6 +62,7 @@ class InMemoryStore:
 
     def save_typed(self, run_id: str, node_id: str, state: BaseModel, schema: type[BaseModel]) -> None:
         """Store *state* coerced to *schema*; raises ``CheckpointError`` when it does not validate."""
+        require_model_class(schema)
         self._put(run_id, node_id, _codec.encode_step(run_id, node_id, state, schema), schema)
 
     def load(self, run_id: str, node_id: str) -> BaseModel | None:
@@ -73,7 +75,7 @@ class InMemoryStore:
 
     def load_typed(self, run_id: str, node_id: str, schema: type[BaseModel]) -> BaseModel | None:
         """Return the checkpoint validated as *schema*, or ``None``; ``CheckpointError`` on mismatch."""
-        _codec.check_schema(schema)
+        require_model_class(schema)
         entry = self._get(run_id, node_id)
         return None if entry is None else _codec.decode_step(entry[0], run_id, node_id, schema)
 

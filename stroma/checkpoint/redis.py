@@ -33,6 +33,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from pydantic import BaseModel
 
 from stroma.checkpoint import _codec
+from stroma.checkpoint._protocols import require_model_class
 from stroma.errors import CheckpointError, ConfigurationError
 
 DEFAULT_KEY_PREFIX: Final = "stroma:checkpoint:"
@@ -46,11 +47,16 @@ _RETRY_BASE_SECONDS: Final = 0.05
 _RETRY_CAP_SECONDS: Final = 0.5
 
 
-def _import_redis() -> Any:
+def _import_redis(store: str) -> Any:
+    """The ``redis`` package, imported when a store is created; *store* names the store in the error."""
     try:
         import redis
-    except ImportError as exc:  # pragma: no cover - the test environment has redis
-        raise ImportError("the Redis checkpoint stores need the 'redis' package: pip install 'stroma[redis]'") from exc
+    except ImportError as exc:
+        # The message starts as the established package's did ("redis is required for RedisStore"):
+        # code written for it matches on that.
+        raise ImportError(
+            f"redis is required for {store}; install it with: pip install 'stroma[redis]' (or: pip install redis)"
+        ) from exc
     return redis
 
 
@@ -114,7 +120,9 @@ class _RedisSettings:
         key_prefix: str,
         timeout_seconds: float,
     ) -> None:
-        redis = _import_redis()
+        # Named as the public class (RedisStore / SyncRedisStore), also for a user's subclass of one.
+        public = (RedisStore, SyncRedisStore)
+        redis = _import_redis(next((cls.__name__ for cls in type(self).__mro__ if cls in public), type(self).__name__))
         if (redis_url is None) == (client is None):
             raise ConfigurationError(f"{type(self).__name__} needs exactly one of redis_url and client")
         if isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, int) or ttl_seconds <= 0:
@@ -251,6 +259,7 @@ class RedisStore(_RedisSettings):
 
     async def save_typed(self, run_id: str, node_id: str, state: BaseModel, schema: type[BaseModel]) -> None:
         """Store *state* coerced to *schema*; raises ``CheckpointError`` when it does not validate."""
+        require_model_class(schema)
         text = _codec.encode_step(run_id, node_id, state, schema)
         await self._write("save", run_id, node_id, {_STEP + node_id: text})
 
@@ -261,7 +270,7 @@ class RedisStore(_RedisSettings):
 
     async def load_typed(self, run_id: str, node_id: str, schema: type[BaseModel]) -> BaseModel | None:
         """Return the checkpoint validated as *schema*, or ``None``; ``CheckpointError`` on mismatch."""
-        _codec.check_schema(schema)
+        require_model_class(schema)
         raw = await self._read(run_id, _codec.check_step_id(node_id), _STEP + node_id)
         return None if raw is None else _codec.decode_step(raw, run_id, node_id, schema)
 
@@ -362,6 +371,7 @@ class SyncRedisStore(_RedisSettings):
 
     def save_typed(self, run_id: str, node_id: str, state: BaseModel, schema: type[BaseModel]) -> None:
         """Store *state* coerced to *schema*; raises ``CheckpointError`` when it does not validate."""
+        require_model_class(schema)
         text = _codec.encode_step(run_id, node_id, state, schema)
         self._write("save", run_id, node_id, {_STEP + node_id: text})
 
@@ -372,7 +382,7 @@ class SyncRedisStore(_RedisSettings):
 
     def load_typed(self, run_id: str, node_id: str, schema: type[BaseModel]) -> BaseModel | None:
         """Return the checkpoint validated as *schema*, or ``None``; ``CheckpointError`` on mismatch."""
-        _codec.check_schema(schema)
+        require_model_class(schema)
         raw = self._read(run_id, _codec.check_step_id(node_id), _STEP + node_id)
         return None if raw is None else _codec.decode_step(raw, run_id, node_id, schema)
 

@@ -39,6 +39,7 @@ from typing import Any, ClassVar, Final, TypeVar
 from pydantic import BaseModel
 
 from stroma.checkpoint import _codec
+from stroma.checkpoint._protocols import require_model_class
 from stroma.errors import CheckpointError, ConfigurationError
 
 ENV_PATH: Final = "STROMA_CHECKPOINT_DB"
@@ -265,6 +266,7 @@ class SQLiteStore:
 
     def save_typed(self, run_id: str, node_id: str, state: BaseModel, schema: type[BaseModel]) -> None:
         """Store *state* coerced to *schema*; raises ``CheckpointError`` when it does not validate."""
+        require_model_class(schema)
         text = _codec.encode_step(run_id, node_id, state, schema)
         self._write("save", run_id, node_id, [(_UPSERT_STEP, (run_id, node_id, text, time.time()))])
 
@@ -290,7 +292,7 @@ class SQLiteStore:
 
     def load_typed(self, run_id: str, node_id: str, schema: type[BaseModel]) -> BaseModel | None:
         """Return the checkpoint validated as *schema*, or ``None``; ``CheckpointError`` on mismatch."""
-        _codec.check_schema(schema)
+        require_model_class(schema)
         raw = self._load_raw(run_id, node_id)
         return None if raw is None else _codec.decode_step(raw, run_id, node_id, schema)
 

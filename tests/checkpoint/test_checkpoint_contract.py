@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from checkpoint_support import Harness
@@ -236,6 +237,17 @@ async def test_malformed_ids_are_programming_errors(harness: Harness) -> None:
         await harness.call("load", 7, STEP)
     with pytest.raises(TypeError):
         await harness.call("load_typed", RUN, STEP, dict)
+
+
+@pytest.mark.parametrize("schema", [dict, "Summary", None], ids=["dict", "str", "None"])
+async def test_a_schema_that_is_not_a_model_class_is_refused_as_before(harness: Harness, schema: Any) -> None:
+    # the established package's message, which its users' tests match on (issue 8, F)
+    with pytest.raises(TypeError, match="schema must be a BaseModel type") as info:
+        await harness.call("save_typed", RUN, STEP, Summary(text="x"), schema)
+    assert repr(schema) in str(info.value)
+    with pytest.raises(TypeError, match="schema must be a BaseModel type"):
+        await harness.call("load_typed", RUN, STEP, schema)
+    assert await harness.call("completed_steps", RUN) == []
 
 
 async def test_manifest_round_trip(harness: Harness) -> None:

@@ -210,6 +210,12 @@ async def test_argument_errors_are_raised_before_the_store_is_called() -> None:
         await manager.resume("", "s", Out)
     with pytest.raises(TypeError):
         await manager.save_manifest("r", [1, 2])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="schema must be a BaseModel type"):
+        await manager.checkpoint("r", "s", Out(text="x"), schema=dict)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="schema must be a BaseModel type"):
+        await manager.resume("r", "s", dict)  # type: ignore[type-var]
+    with pytest.raises(TypeError, match="schema must be a BaseModel type"):
+        manifest_entry("s", dict)  # type: ignore[arg-type]
     assert store.data == {}
 
 
