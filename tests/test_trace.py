@@ -6,8 +6,10 @@ import dataclasses
 import enum
 import json
 import math
+import re
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -321,3 +323,12 @@ def test_execution_result_defaults_and_alias() -> None:
     )
     assert partial.cost_per_step == {"a": 1.2}
     assert partial.budget_exceeded is breach
+
+
+def test_the_readme_lists_every_result_field() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    start = readme.index("- **Results**: `ExecutionResult` (")
+    listed = set(re.findall(r"`(\w+)`", readme[start : readme.index(")", readme.index("`trace_id`", start))]))
+    fields = {f.name for f in dataclasses.fields(ExecutionResult)} | {"cost_per_step"}
+    assert fields - listed == set(), "fields the README's results list omits"
+    assert listed - fields - {"ExecutionResult"} == set(), "names the README lists that ExecutionResult lacks"

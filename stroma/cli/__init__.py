@@ -18,12 +18,17 @@ Exit status: 0 success; 1 the command failed (e.g. Jaeger unreachable, the stack
 start, ``stack status`` found nothing running); 2 a bad argument (unknown run id, malformed
 URL, negative budget, unknown model) with a one-line ``stroma: error: ...`` on stderr; 130
 interrupted. Output is plain text when stdout is not a terminal; ``--json`` gives one JSON
-document on stdout.
+document on stdout, also when the command fails: then an object
+``{"error": {"kind": "usage" | "failed" | "interrupted", "message": ..., "exit_status": N}}``
+with the same exit status, and nothing on stderr for it. ``stroma prices`` prints the models it
+knows and exits 2 naming the ones it does not (with ``--json``: the error object plus ``"prices"``,
+the known models' entries).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sqlite3
@@ -33,6 +38,7 @@ from typing import TextIO
 
 from stroma._version import __version__
 from stroma.cli._args import Parser, UsageError, budget_usd, http_url, positive_int
+from stroma.cli.render import error_document
 from stroma.errors import StromaError
 from stroma.runstore import RunLookupError
 
@@ -209,16 +215,32 @@ def _error(message: str, stream: TextIO) -> None:
         print(f"  {line}", file=stream)
 
 
+def _report(message: str, kind: str, status: int, *, as_json: bool, stdout: TextIO, stderr: TextIO) -> int:
+    """Tell the user what went wrong: one JSON document on stdout with ``--json``, else stderr text."""
+    if as_json:
+        stdout.write(json.dumps(error_document(message, kind=kind, exit_status=status), indent=2) + "\n")
+    elif kind == "usage":
+        stderr.write(f"stroma: error: {' '.join(message.split())}\n")
+    elif kind == "interrupted":
+        stderr.write("stroma: interrupted\n")
+    else:
+        _error(message, stderr)
+    return status
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``stroma`` command with *argv* (default ``sys.argv[1:]``); returns the exit status."""
     stdout, stderr = sys.stdout, sys.stderr
-    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    words = list(argv if argv is not None else sys.argv[1:])
+    debug = "--debug" in words
+    as_json = "--json" in words  # known before parsing, so a bad argument is reported as JSON too
     try:
         try:
-            args = build_parser().parse_args(argv)
+            args = build_parser().parse_args(words)
         except SystemExit as exc:  # --help and --version
             return int(exc.code or 0) if not isinstance(exc.code, str) else EXIT_USAGE
         debug = bool(getattr(args, "debug", False))
+        as_json = bool(getattr(args, "json", False))
         _configure_logging(debug)
         if args.command is None:
             build_parser().print_help(stdout)
@@ -227,11 +249,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return commands.dispatch(args, stdout)
     except (UsageError, RunLookupError) as exc:
-        stderr.write(f"stroma: error: {' '.join(str(exc).split())}\n")
-        return EXIT_USAGE
+        return _report(str(exc), "usage", EXIT_USAGE, as_json=as_json, stdout=stdout, stderr=stderr)
     except KeyboardInterrupt:
-        stderr.write("stroma: interrupted\n")
-        return EXIT_INTERRUPTED
+        return _report("interrupted", "interrupted", EXIT_INTERRUPTED, as_json=as_json, stdout=stdout, stderr=stderr)
     except BrokenPipeError:
         # stdout was closed early (e.g. `stroma runs | head -1`): stop quietly.
         devnull = os.open(os.devnull, os.O_WRONLY)
@@ -240,10 +260,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (StromaError, OSError, sqlite3.Error) as exc:
         if debug:
             raise
-        _error(str(exc) or type(exc).__name__, stderr)
-        return EXIT_FAILED
+        message = str(exc) or type(exc).__name__
+        return _report(message, "failed", EXIT_FAILED, as_json=as_json, stdout=stdout, stderr=stderr)
     except Exception as exc:
         if debug:
             raise
-        _error(f"unexpected {type(exc).__name__}: {exc} (run again with --debug for the traceback)", stderr)
-        return EXIT_FAILED
+        message = f"unexpected {type(exc).__name__}: {exc} (run again with --debug for the traceback)"
+        return _report(message, "failed", EXIT_FAILED, as_json=as_json, stdout=stdout, stderr=stderr)

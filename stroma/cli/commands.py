@@ -14,10 +14,12 @@ from stroma.cli.render import (
     Style,
     build_tree,
     describe_breach,
+    error_document,
     format_budget,
     format_cost,
     format_duration,
     format_tokens,
+    format_usd,
     render_runs_table,
     render_tree,
 )
@@ -349,45 +351,56 @@ def _per_million(per_token: float) -> float:
 
 
 def _rate(per_token: float) -> str:
-    """``$2.50``, ``$0.075``: cents always shown, finer digits only when the price has them."""
-    value = _per_million(per_token)
-    return f"${value:.2f}" if round(value, 2) == value else f"${value:g}"
+    """``$2.50``, ``$0.075``: the price per million tokens, printed as every amount is."""
+    return format_usd(per_token * 1_000_000)
+
+
+def _price_entry(model: str, price: Any) -> dict[str, Any]:
+    return {
+        "model": model,
+        "input_usd_per_1m": _per_million(price.input_per_token),
+        "output_usd_per_1m": _per_million(price.output_per_token),
+        "per_request_usd": price.per_request,
+        "input_tiers": [{"above_input_tokens": at, "usd_per_1m": _per_million(rate)} for at, rate in price.input_tiers],
+        "output_tiers": [
+            {"above_input_tokens": at, "usd_per_1m": _per_million(rate)} for at, rate in price.output_tiers
+        ],
+        "source": price.source,
+        "provider_id": price.provider_id,
+        "model_id": price.model_id,
+    }
+
+
+def _unknown_models_message(unknown: list[str], asked: int) -> str:
+    names = ", ".join(repr(model) for model in unknown)
+    which = f" ({len(unknown)} of the {asked} models asked for)" if asked > 1 else ""
+    example = unknown[0]
+    return (
+        f"no known price for model{'s' if len(unknown) > 1 else ''} {names}{which}; set one with "
+        f"stroma.pricing.set_price({example!r}, input_per_1m=..., output_per_1m=...)"
+    )
 
 
 def cmd_prices(args: argparse.Namespace, out: TextIO) -> int:
+    """Print each known model's price; models without one are named on stderr (or in the JSON) and exit 2."""
     from stroma.pricing import price_for
 
     found = []
+    unknown: list[str] = []
     for model in args.models:
         price = price_for(model)
         if price is None:
-            raise UsageError(
-                f"no known price for model {model!r}; set one with "
-                f"stroma.pricing.set_price({model!r}, input_per_1m=..., output_per_1m=...)"
-            )
-        found.append((model, price))
+            unknown.append(model)
+        else:
+            found.append((model, price))
+    entries = [_price_entry(model, price) for model, price in found]
     if args.json:
-        _print_json(
-            [
-                {
-                    "model": model,
-                    "input_usd_per_1m": _per_million(price.input_per_token),
-                    "output_usd_per_1m": _per_million(price.output_per_token),
-                    "per_request_usd": price.per_request,
-                    "input_tiers": [
-                        {"above_input_tokens": at, "usd_per_1m": _per_million(rate)} for at, rate in price.input_tiers
-                    ],
-                    "output_tiers": [
-                        {"above_input_tokens": at, "usd_per_1m": _per_million(rate)} for at, rate in price.output_tiers
-                    ],
-                    "source": price.source,
-                    "provider_id": price.provider_id,
-                    "model_id": price.model_id,
-                }
-                for model, price in found
-            ],
-            out,
-        )
+        if unknown:
+            message = _unknown_models_message(unknown, len(args.models))
+            document = error_document(message, kind="usage", exit_status=2, prices=entries, unknown_models=unknown)
+            _print_json(document, out)
+            return 2
+        _print_json(entries, out)
         return 0
     style = _style(args, out)
     for index, (model, price) in enumerate(found):
@@ -406,9 +419,13 @@ def cmd_prices(args: argparse.Namespace, out: TextIO) -> int:
                 line += f"; {_rate(tier_rate)} when a call has more than {threshold:,} input tokens"
             out.write(line + "\n")
         if price.per_request:
-            out.write(f"  request  ${price.per_request:g} per call\n")
+            out.write(f"  request  {format_usd(price.per_request)} per call\n")
         example = price.cost(10_000, 1_000)
         out.write(f"  e.g.     10,000 input + 1,000 output tokens = {format_cost(example)}\n")
+    if unknown:
+        out.flush()  # the known prices first, then the error about the rest
+        sys.stderr.write(f"stroma: error: {_unknown_models_message(unknown, len(args.models))}\n")
+        return 2
     return 0
 
 

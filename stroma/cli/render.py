@@ -7,6 +7,7 @@ re-exported here, so this module is the one entry point for showing a run.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -23,11 +24,13 @@ __all__ = [
     "Style",
     "build_tree",
     "describe_breach",
+    "error_document",
     "format_amount",
     "format_budget",
     "format_cost",
     "format_duration",
     "format_tokens",
+    "format_usd",
     "render_runs_table",
     "render_tree",
 ]
@@ -36,22 +39,54 @@ __all__ = [
 # --- formatting --------------------------------------------------------------------------------
 
 
-def format_cost(usd: float) -> str:
-    """``$0.0123``; amounts below a hundredth of a cent keep two significant digits."""
+_USD_FINEST_DECIMALS = 12  # a trillionth of a dollar: finer amounts print as "<$0.000000000001"
+
+
+def format_usd(usd: float) -> str:
+    """The CLI's one way to print money: fixed decimals, never scientific notation.
+
+    At least two decimals, and below $100 enough of them to show the amount to two significant
+    digits (at least four decimals); trailing zeros past the cents are dropped, so a cost and a
+    limit of the same amount always print the same: ``$0``, ``$0.0123``, ``$0.001``,
+    ``$0.000027``, ``$0.12``, ``$25.00``, ``$1,234.50``.
+    """
     if usd == 0:
         return "$0"
-    if abs(usd) < 0.0001:
-        return f"${usd:.2g}"
-    if abs(usd) >= 100:
-        return f"${usd:,.2f}"
-    return f"${usd:.4f}"
+    if not math.isfinite(usd):
+        return f"${usd}"
+    size = abs(usd)
+    sign = "-" if usd < 0 else ""
+    if size < 10.0**-_USD_FINEST_DECIMALS:
+        return f"{sign}<${10.0**-_USD_FINEST_DECIMALS:.{_USD_FINEST_DECIMALS}f}"
+    if size >= 100:
+        decimals = 2
+    else:
+        two_significant = 1 - math.floor(math.log10(size))
+        decimals = min(max(4, two_significant), _USD_FINEST_DECIMALS)
+    text = f"{size:,.{decimals}f}"
+    whole, _, fraction = text.partition(".")
+    fraction = fraction.rstrip("0").ljust(2, "0")
+    return f"{sign}${whole}.{fraction}"
+
+
+def format_cost(usd: float) -> str:
+    """A cost in USD: :func:`format_usd`."""
+    return format_usd(usd)
 
 
 def format_budget(usd: float) -> str:
-    """A limit as people write it: ``$0.12``, ``$0.005``, ``$25``."""
-    if usd >= 0.01 and round(usd, 2) == usd:
-        return f"${usd:,.2f}"
-    return f"${usd:g}"
+    """A budget limit in USD: :func:`format_usd`, so a limit prints as the cost it is compared with."""
+    return format_usd(usd)
+
+
+def error_document(message: str, *, kind: str, exit_status: int, **extra: Any) -> dict[str, Any]:
+    """What ``--json`` prints instead of ``stroma: error: ...``: ``{"error": {...}, **extra}``.
+
+    *kind* is ``"usage"`` (a bad argument, exit status 2), ``"failed"`` (1) or ``"interrupted"``
+    (130); *message* is the same text the plain-text error line carries.
+    """
+    text = message.strip() or kind
+    return {"error": {"kind": kind, "message": text, "exit_status": exit_status}, **extra}
 
 
 def format_tokens(count: int) -> str:
@@ -74,7 +109,7 @@ def _pct(value: float) -> str:
 
 def _budget_amount(dimension: str, value: float) -> str:
     if dimension == "cost":
-        return format_budget(value) if round(value, 2) == value else format_cost(value)
+        return format_usd(value)
     if dimension == "latency":
         return format_duration(value / 1000.0)
     return format_tokens(int(value))

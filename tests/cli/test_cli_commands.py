@@ -187,6 +187,33 @@ def test_prices(cli: Cli) -> None:
     ]
 
 
+def test_prices_prints_the_known_models_and_names_the_unknown(cli: Cli) -> None:
+    result = cli("prices", "gpt-4o", "no-such-model-xyz", "gpt-4o-mini")
+    assert result.returncode == 2, str(result)
+    assert "gpt-4o  (openai / gpt-4o, genai-prices)" in result.stdout
+    assert "gpt-4o-mini  (openai / gpt-4o-mini, genai-prices)" in result.stdout
+    assert "no-such-model-xyz" not in result.stdout
+    [line] = result.stderr.splitlines()
+    assert line.startswith("stroma: error: no known price for model 'no-such-model-xyz' (1 of the 3 models")
+    assert "stroma.pricing.set_price('no-such-model-xyz'" in line
+
+    data = cli("prices", "gpt-4o", "no-such-model-xyz", "--json")
+    assert data.returncode == 2 and data.stderr == "", str(data)
+    document = data.json()
+    assert document["error"]["kind"] == "usage" and document["error"]["exit_status"] == 2
+    assert "'no-such-model-xyz'" in document["error"]["message"]
+    assert document["unknown_models"] == ["no-such-model-xyz"]
+    assert [entry["model"] for entry in document["prices"]] == ["gpt-4o"]
+    assert document["prices"][0]["input_usd_per_1m"] == 2.5
+
+
+def test_prices_print_amounts_in_fixed_point(cli: Cli) -> None:
+    result = cli("prices", "gpt-4o-mini", "gemini-1.5-flash-8b")
+    assert_ok(result)
+    amounts = re.findall(r"\$\S+", result.stdout)
+    assert amounts and all(re.fullmatch(r"\$[0-9,]+\.[0-9]+", amount) for amount in amounts), amounts
+
+
 # --- stack ---------------------------------------------------------------------------------------
 
 
@@ -246,6 +273,38 @@ def test_bad_arguments_give_one_line_and_exit_2(demo_session: DemoSession, argv:
     assert lines[0].startswith("stroma: error: ")
     assert message in lines[0]
     assert "Traceback" not in result.stderr
+
+
+JSON_ERRORS = [
+    (["show", "no-such-run", "--json"], "no run 'no-such-run'"),
+    (["--json", "runs", "--bogus"], "unrecognized arguments"),
+    (["demo", "--json", "--budget", "lots"], "not an amount in USD"),
+    (["prices", "no-such-model-xyz", "--json"], "no known price for model 'no-such-model-xyz'"),
+    (["stack", "status", "--free-ports", "--json"], "only applies to 'stack up'"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), JSON_ERRORS, ids=[" ".join(a) for a, _ in JSON_ERRORS])
+def test_json_errors_are_one_json_document_on_stdout(cli: Cli, argv: list[str], message: str) -> None:
+    result = cli(*argv)
+    assert result.returncode == 2, str(result)
+    assert result.stderr == ""
+    error = result.json()["error"]
+    assert error["kind"] == "usage" and error["exit_status"] == 2
+    assert message in error["message"]
+
+
+def test_json_failures_are_json_too(demo_session: DemoSession, tmp_path: Path) -> None:
+    result = demo_session.cli("show", demo_session.run_ids[0], "--jaeger", "http://127.0.0.1:9", "--json")
+    assert result.returncode == 1 and result.stderr == "", str(result)
+    error = result.json()["error"]
+    assert error == {"kind": "failed", "message": error["message"], "exit_status": 1}
+    assert error["message"].startswith("cannot reach Jaeger at http://127.0.0.1:9: ")
+    bad = tmp_path / "garbage.sqlite3"
+    bad.write_bytes(b"this is not a database" * 100)
+    unreadable = demo_session.cli("runs", "--store", str(bad), "--json")
+    assert unreadable.returncode == 1 and unreadable.stderr == "", str(unreadable)
+    assert unreadable.json()["error"]["message"] == f"cannot use the run store {bad}: file is not a database"
 
 
 def test_jaeger_unreachable_is_one_line_and_exit_1(demo_session: DemoSession) -> None:

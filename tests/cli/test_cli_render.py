@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from stroma.cli.render import (
     format_budget,
     format_cost,
     format_duration,
+    format_usd,
     render_runs_table,
     render_tree,
 )
@@ -245,11 +247,43 @@ def test_style_for_a_stream(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_formats() -> None:
     assert format_cost(0) == "$0"
     assert format_cost(0.0123456) == "$0.0123"
-    assert format_cost(0.0000123) == "$1.2e-05"
+    assert format_cost(0.0000123) == "$0.000012"
+    assert format_cost(2.7e-05) == "$0.000027"
     assert format_cost(1234.5) == "$1,234.50"
     assert format_budget(0.12) == "$0.12" and format_budget(0.005) == "$0.005" and format_budget(25) == "$25.00"
     assert format_duration(0.0123) == "12 ms" and format_duration(1.234) == "1.23 s"
     assert format_duration(125) == "2 m 05 s"
+
+
+@pytest.mark.parametrize("exponent", range(-11, 8))
+@pytest.mark.parametrize("mantissa", [1.0, 2.7, 9.99])
+def test_money_is_fixed_point_with_two_significant_digits(exponent: int, mantissa: float) -> None:
+    usd = mantissa * 10.0**exponent
+    text = format_usd(usd)
+    assert re.fullmatch(r"\$[0-9]{1,3}(,[0-9]{3})*\.[0-9]{2,12}", text), text  # never 2.7e-05
+    assert abs(float(text[1:].replace(",", "")) - usd) <= max(usd * 0.05, 0.005 if usd >= 100 else 0.0)
+    # a cost and a limit of the same amount print the same (a run once showed $0.0010 and $0.001)
+    assert format_cost(usd) == format_budget(usd) == text
+
+
+def test_money_edge_cases() -> None:
+    assert format_usd(0) == "$0"
+    assert format_usd(0.001) == "$0.001" and format_usd(0.0010000000000000002) == "$0.001"
+    assert format_usd(1e-13) == "<$0.000000000001"
+    assert format_usd(-0.5) == "-$0.50"
+    assert format_usd(float("inf")) == "$inf"
+
+
+async def test_one_limit_prints_one_way_in_a_run(capture: TelemetryCapture, store: runstore.LocalRunStore) -> None:
+    await _pipeline(capture.settings, budget=0.001)
+    stored = store.get_run("render-run")
+    tree = build_tree(stored.records, summary=stored.summary.to_dict())
+    assert tree.breaches and tree.breaches[0]["dimension"] == "cost"
+    text = render_tree(tree, Style(color=False))
+    # the header's breach, the budget line and the step's note all give the limit as $0.001
+    assert text.count(" of $0.001") >= 3, text
+    assert "$0.0010" not in text
+    assert not re.search(r"\$[0-9.,]*e", text), text
 
 
 def test_runs_table_shortens_only_long_ids(tmp_path: Path) -> None:
