@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from stroma.errors import ConfigurationError, StromaError
 from stroma.failures import FailureClass, _configuration_error
+from stroma.money import format_usd
 from stroma.pricing import KNOWN_MODELS, estimate_cost_usd
 
 __all__ = [
@@ -146,7 +147,7 @@ class ExecutionBudget(BaseModel):
 
 def _format_amount(dimension: str, value: float) -> str:
     if dimension == "cost":
-        return f"${value:.6g}"
+        return format_usd(value)
     if dimension == "tokens":
         return f"{value:,.0f} tokens"
     if dimension == "latency":

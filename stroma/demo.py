@@ -345,8 +345,8 @@ def build_pipeline(
 ) -> tuple[StromaRunner, list[StepFunc], Ticket]:
     """The runner, the steps in order and the initial state for *ticket*.
 
-    The runner has a cost budget of *budget_usd*, the fallback from :data:`LARGE_MODEL` to
-    :data:`FALLBACK_MODEL` at :data:`FALLBACK_AT` of it, checkpoints in *store* (none when
+    The runner has a cost budget of *budget_usd* (0: no step may start), the fallback from
+    :data:`LARGE_MODEL` to :data:`FALLBACK_MODEL` at :data:`FALLBACK_AT` of it, checkpoints in *store* (none when
     ``None``) and retries of recoverable failures with a base delay of *retry_backoff_s*.
     """
     rate_limit = RateLimitError(f"429 Too Many Requests: rate limit reached for {LARGE_MODEL}")
@@ -371,9 +371,9 @@ def build_pipeline(
     policies[FailureClass.RECOVERABLE] = FailurePolicy(
         max_retries=3, backoff_seconds=retry_backoff_s, max_backoff_seconds=max(retry_backoff_s * 4, retry_backoff_s)
     )
-    runner.with_budget(cost_usd=budget_usd).with_model_fallback(
-        LARGE_MODEL, to=FALLBACK_MODEL, at_budget_pct=FALLBACK_AT
-    ).with_policy_map(policies)
+    runner.with_budget(cost_usd=budget_usd).with_policy_map(policies)
+    if budget_usd > 0:  # a $0 budget lets nothing start: a threshold of it means nothing
+        runner.with_model_fallback(LARGE_MODEL, to=FALLBACK_MODEL, at_budget_pct=FALLBACK_AT)
     if hooks is not None:
         runner.with_hooks(hooks)
 

@@ -89,7 +89,7 @@ def test_budget_is_immutable() -> None:
 @pytest.mark.parametrize(
     ("dimension", "limit", "actual", "texts"),
     [
-        ("cost", 0.5, 0.5123, ["cost budget", "$0.5123", "$0.5 limit", "max_cost_usd"]),
+        ("cost", 0.5, 0.5123, ["cost budget", "$0.5123", "$0.50 limit", "max_cost_usd"]),
         ("tokens", 1000.0, 1200.0, ["tokens budget", "1,200 tokens", "1,000 tokens limit", "max_tokens_total"]),
         ("latency", 2000.0, 2500.0, ["latency budget", "2,500 ms", "2,000 ms limit", "max_latency_ms"]),
     ],

@@ -54,13 +54,14 @@ def http_url(text: str) -> str:
 
 
 def budget_usd(text: str) -> float:
-    """A positive, finite amount of US dollars (``0.05``, ``$0.05``)."""
+    """A finite amount of US dollars, 0 or more (``0.05``, ``$0.05``; 0 means nothing may be
+    spent, the same rule as ``ExecutionBudget(max_cost_usd=0)``)."""
     try:
         value = float(text.strip().removeprefix("$"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an amount in USD, e.g. 0.05") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"the budget must be a positive amount in USD, got {text!r}")
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"the budget must be an amount in USD of 0 or more, got {text!r}")
     return value
 
 

@@ -244,9 +244,8 @@ BAD_ARGUMENTS = [
     (["demo", "--otlp", "not a url"], "not an http(s) URL"),
     (["demo", "--otlp", "ftp://collector:4318"], "not an http(s) URL"),
     (["demo", "--otlp", "http://collector:99999"], "not an http(s) URL"),
-    (["demo", "--budget", "-1"], "positive amount in USD"),
-    (["demo", "--budget", "0"], "positive amount in USD"),
-    (["demo", "--budget", "nan"], "positive amount in USD"),
+    (["demo", "--budget", "-1"], "amount in USD of 0 or more"),
+    (["demo", "--budget", "nan"], "amount in USD of 0 or more"),
     (["demo", "--budget", "lots"], "not an amount in USD"),
     (["demo", "--runs", "0"], "between 1 and 1000"),
     (["demo", "--runs", "2", "--resume", "tkt-4812-00000000"], "leave out --runs"),
@@ -353,3 +352,13 @@ def test_an_unreachable_collector_from_the_environment_never_fails_the_demo(cli:
     # The SDK's retry messages are folded into one warning line.
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("stroma: warning: exporting to http://127.0.0.1:9: "), result.stderr
+
+
+def test_a_zero_budget_is_accepted_and_nothing_is_spent(cli: Cli) -> None:
+    """Issue 8 C13: one rule for library and CLI — a limit of 0 is legal and lets nothing start."""
+    result = cli("demo", "--budget", "0", "--json")
+    assert_ok(result)
+    [run] = result.json()["runs"]
+    assert run["status"] == "partial"
+    assert run["cost_usd"] == 0 and run["total_tokens"] == 0
+    assert run["budget_exceeded"][0]["step_id"] == "triage"  # nothing started
