@@ -24,6 +24,7 @@ from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 from opentelemetry.trace import set_span_in_context as _set_span_in_context
 
 from stroma._version import __version__
+from stroma.telemetry import genai_usage
 from stroma.telemetry import names as n
 from stroma.telemetry.providers import resolve_providers
 from stroma.telemetry.records import SpanRecord
@@ -59,6 +60,7 @@ class _FaultLog:
 
 
 faults = _FaultLog()
+genai_usage.fault_reporter = faults.report
 
 
 class Telemetry:
@@ -76,10 +78,13 @@ class Telemetry:
         self._metric_keys: dict[tuple[str, ...], dict[str, str]] = {}
         self.tracer: Any = None
         self.providers: tuple[int, ...] = ()
+        self.usage_source = settings.resolved_usage_source()
         if not self.enabled:
             return
         tracer_provider, meter_provider = resolve_providers(settings.tracer_provider, settings.meter_provider)
         self.providers = (id(tracer_provider), id(meter_provider))
+        # model-call spans below an attempt are charged to it (issue 10)
+        genai_usage.attach(tracer_provider)
         self.tracer = tracer_provider.get_tracer("stroma", __version__)
         meter = meter_provider.get_meter("stroma", __version__)
         # Counters are summed here, in-process, and reported as cumulative observable counters
@@ -142,6 +147,8 @@ class Telemetry:
             span_context = span.get_span_context()
             if span_context.is_valid:
                 record.span_context = span_context
+                if record.kind == n.SPAN_ATTEMPT:
+                    genai_usage.track(record)
         except Exception as exc:
             faults.report("span start", exc)
 
