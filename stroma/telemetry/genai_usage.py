@@ -36,7 +36,10 @@ Either way the usage is counted once, and every counted call is listed as a
 
 Correlation is by span ids, never by attributes: the attempt span's id is registered when it
 starts; a span whose parent is registered is registered too (so calls at any depth below the
-attempt are found), and entries are dropped when their span ends. Known limits, with what the
+attempt are found), and entries are dropped when their span ends. A span whose parent is not
+registered, started while a registered span is the current one on its thread, belongs there too:
+some instrumentations parent spans on their framework's run tree instead of the current context
+(LangChain's puts a model call made in a LangGraph node under its workflow span). Known limits, with what the
 user sees:
 
 * a span started on a thread that did not receive the step's context (a bare ``Thread``, or an
@@ -81,6 +84,7 @@ __all__ = [
     "ModelCall",
     "UsageSource",
     "attach",
+    "calls_in_current_attempt",
     "settle",
     "track",
 ]
@@ -186,15 +190,22 @@ class GenAIUsageProcessor:
     def on_start(self, span: Any, parent_context: Any = None) -> None:
         try:
             parent = span.parent
-            if parent is None:
-                return
-            node = _nodes.get(parent.span_id)
+            node = None if parent is None else _nodes.get(parent.span_id)
+            parent_id = 0 if parent is None else parent.span_id
+            if node is None:
+                # Some instrumentations parent spans on their framework's own run tree (the
+                # LangChain one parents a model call under its LangGraph workflow span, outside
+                # the attempt); the span current on the starting thread still says where it runs.
+                if not _nodes:
+                    return
+                parent_id = trace_api.get_current_span().get_span_context().span_id
+                node = _nodes.get(parent_id)
             if node is None or node.attempt.settled:
                 return
             if len(_nodes) >= MAX_TRACKED_SPANS:
                 _fault("genai span map full")
                 return
-            _nodes[span.context.span_id] = _Node(node.attempt, parent.span_id)
+            _nodes[span.context.span_id] = _Node(node.attempt, parent_id)
         except Exception as exc:
             _fault("genai usage", exc)
 
@@ -286,6 +297,19 @@ def track(record: SpanRecord) -> None:
         return
     _attach_global()
     _nodes[context.span_id] = _Node(_Attempt(str(record.attributes.get(n.STEP_ID, ""))), 0)
+
+
+def calls_in_current_attempt() -> int | None:
+    """Model calls counted so far for the attempt whose span is current, or ``None`` when the
+    current span is not a tracked attempt (telemetry off, or called outside an attempt).
+
+    Adapters use it to fall back on usage a framework reports in its own objects (LangChain's
+    ``AIMessage.usage_metadata``) only when no model-call span was seen.
+    """
+    node = _nodes.get(trace_api.get_current_span().get_span_context().span_id)
+    if node is None or node.parent != 0:
+        return None
+    return len(node.attempt.calls)
 
 
 def collect(record: SpanRecord) -> list[ModelCall]:
