@@ -26,7 +26,15 @@ __all__ = [
 ]
 
 _LANGGRAPH_NAMES = frozenset(
-    {"LangGraphAdapter", "StepNotCompleted", "reliable_node", "stroma_config", "stroma_langgraph_node"}
+    {
+        "LangGraphAdapter",
+        "StepNotCompleted",
+        "arun_graph",
+        "reliable_node",
+        "run_graph",
+        "stroma_config",
+        "stroma_langgraph_node",
+    }
 )
 
 

@@ -2,10 +2,10 @@
 
 Needs ``pip install 'stroma[langgraph]'`` (LangGraph 1.x). What a user writes::
 
-    ctx = ReliabilityContext.for_run(RunConfig(budget=...), ContractRegistry(), None)
     builder.add_node("draft", reliable_node(draft))          # or LangGraphAdapter().wrap(builder, nodes="all")
     graph = builder.compile(checkpointer=...)                # compiled once
-    graph.invoke(state, stroma_config(ctx))                  # a context per run; thread_id = run id
+    ctx = ReliabilityContext.for_run(RunConfig(budget=...), ContractRegistry(), None)   # one per run
+    result = run_graph(graph, state, ctx)                    # or graph.invoke(state, stroma_config(ctx))
 
 What the wrapper keeps (the rules of the issue):
 
@@ -68,8 +68,10 @@ __all__ = [
     "STROMA_CONTEXT_KEY",
     "LangGraphAdapter",
     "StepNotCompleted",
+    "arun_graph",
     "extract_state_dict",
     "reliable_node",
+    "run_graph",
     "stroma_config",
     "stroma_langgraph_node",
 ]
@@ -113,6 +115,49 @@ def stroma_config(ctx: ReliabilityContext, config: Mapping[str, Any] | None = No
     configurable[STROMA_CONTEXT_KEY] = ctx
     merged["configurable"] = configurable
     return merged
+
+
+def run_graph(
+    graph: Any, graph_input: Any, ctx: ReliabilityContext, *, config: Mapping[str, Any] | None = None, **kwargs: Any
+) -> ExecutionResult:
+    """Invoke a compiled *graph* as one Stroma run and return its :class:`~stroma.trace.ExecutionResult`.
+
+    Opens the run span (every node step nests under it), invokes with :func:`stroma_config`
+    (*kwargs* go to ``graph.invoke``: ``context=``, ``durability=``...) and ends the run:
+    ``COMPLETED`` with the graph's output; the step's status and error when a node did not
+    complete; ``PARTIAL`` when the graph stopped at an ``interrupt()`` (resume by calling this
+    again with ``Command(resume=...)`` and a new context on the same ``thread_id``). Other
+    exceptions end the run as failed and propagate.
+    """
+    with ctx.as_run():
+        try:
+            output = graph.invoke(graph_input, stroma_config(ctx, config), **kwargs)
+        except StepNotCompleted as stopped:
+            return _stopped(ctx, stopped)
+        return _finished(ctx, output)
+
+
+async def arun_graph(
+    graph: Any, graph_input: Any, ctx: ReliabilityContext, *, config: Mapping[str, Any] | None = None, **kwargs: Any
+) -> ExecutionResult:
+    """:func:`run_graph` with ``graph.ainvoke``."""
+    with ctx.as_run():
+        try:
+            output = await graph.ainvoke(graph_input, stroma_config(ctx, config), **kwargs)
+        except StepNotCompleted as stopped:
+            return _stopped(ctx, stopped)
+        return _finished(ctx, output)
+
+
+def _stopped(ctx: ReliabilityContext, stopped: StepNotCompleted) -> ExecutionResult:
+    result = stopped.result
+    return ctx.build_result(result.status, result.final_state, error=result.error, failed_step=result.failed_step)
+
+
+def _finished(ctx: ReliabilityContext, output: Any) -> ExecutionResult:
+    if isinstance(output, Mapping) and output.get("__interrupt__"):
+        return ctx.build_result(RunStatus.PARTIAL, output, error="the graph is waiting at an interrupt() to be resumed")
+    return ctx.build_result(RunStatus.COMPLETED, output)
 
 
 def extract_state_dict(state: Any) -> dict[str, Any]:

@@ -422,3 +422,35 @@ def test_importing_stroma_does_not_import_langgraph() -> None:
         "assert isinstance(LangGraphAdapter(), FrameworkAdapter)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_run_graph_returns_the_run_result_and_nests_steps_under_the_run_span(capture: TelemetryCapture) -> None:
+    from stroma.adapters.langgraph import run_graph
+
+    def ok(state: State) -> dict[str, Any]:
+        return {"note": "ok"}
+
+    def wait(state: State) -> dict[str, Any]:
+        return {"note": interrupt("continue?")}
+
+    def broken(state: State) -> dict[str, Any]:
+        raise KeyError("x")
+
+    def graph_of(node: Any, **compile_kwargs: Any) -> Any:
+        builder = StateGraph(State)
+        builder.add_node("node", reliable_node(node, step_id="node"))
+        builder.add_edge(START, "node")
+        return builder.compile(**compile_kwargs)
+
+    done = run_graph(graph_of(ok), {"items": []}, new_ctx(capture))
+    assert done.status is RunStatus.COMPLETED and done.final_state["note"] == "ok"
+    (run,) = capture.spans_named("run")
+    (step,) = capture.spans_named("step")
+    assert step.parent is not None and step.parent.span_id == run.context.span_id
+
+    waiting = run_graph(graph_of(wait, checkpointer=InMemorySaver()), {"items": []}, new_ctx())
+    assert waiting.status is RunStatus.PARTIAL and "interrupt" in (waiting.error or "")
+
+    failed = run_graph(graph_of(broken), {"items": []}, new_ctx())
+    assert failed.status is not RunStatus.COMPLETED and failed.failed_step == "node"
+    assert "KeyError" in (failed.error or "")
