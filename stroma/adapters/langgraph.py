@@ -65,7 +65,7 @@ from stroma.telemetry import genai_usage
 from stroma.trace import ExecutionResult, RunStatus
 
 __all__ = [
-    "STROMA_CONTEXT_KEY",
+    "CONTEXT_KEY",
     "LangGraphAdapter",
     "StepNotCompleted",
     "arun_graph",
@@ -78,7 +78,7 @@ __all__ = [
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-STROMA_CONTEXT_KEY = "stroma_context"
+CONTEXT_KEY = "stroma_context"
 """Key of the run's context in ``config["configurable"]``."""
 
 _INJECTED = ("config", "runtime")
@@ -112,7 +112,7 @@ def stroma_config(ctx: ReliabilityContext, config: Mapping[str, Any] | None = No
     merged: dict[str, Any] = dict(config or {})
     configurable = dict(merged.get("configurable") or {})
     configurable.setdefault("thread_id", ctx.run_id)
-    configurable[STROMA_CONTEXT_KEY] = ctx
+    configurable[CONTEXT_KEY] = ctx
     merged["configurable"] = configurable
     return merged
 
@@ -176,7 +176,7 @@ def extract_state_dict(state: Any) -> dict[str, Any]:
 def _context_from(step_id: str, config: Any, runtime: Any) -> ReliabilityContext:
     configurable = config.get("configurable") if isinstance(config, Mapping) else None
     if isinstance(configurable, Mapping):
-        found = configurable.get(STROMA_CONTEXT_KEY)
+        found = configurable.get(CONTEXT_KEY)
         if isinstance(found, ReliabilityContext):
             return found
     context = getattr(runtime, "context", None)
