@@ -1,4 +1,8 @@
-"""Framework adapters: where Stroma meets LangGraph (and later other frameworks).
+"""Framework adapters: where Stroma meets LangGraph, Pydantic AI and the OpenAI Agents SDK.
+
+``stroma.adapters.langgraph`` (nodes as steps), ``stroma.adapters.pydantic_ai`` (an agent run as
+a step, a capability) and ``stroma.adapters.openai_agents`` (an agent run as a step, run hooks)
+each import their framework; install the matching extra.
 
 The protocols (:class:`FrameworkAdapter`, :class:`StepInterceptor`, :class:`LoopAdapter`,
 :class:`TurnAdapter`) import with no framework installed. The LangGraph names
