@@ -417,7 +417,7 @@ def test_importing_stroma_does_not_import_langgraph() -> None:
     code = (
         "import sys, stroma, stroma.adapters\n"
         "from stroma.adapters import FrameworkAdapter, StepInterceptor, LoopAdapter, TurnAdapter\n"
-        "assert 'langgraph' not in sys.modules, 'langgraph imported'\n"
+        "assert not {'langgraph', 'pydantic_ai', 'agents'} & set(sys.modules), 'a framework was imported'\n"
         "from stroma.adapters import LangGraphAdapter\n"
         "assert isinstance(LangGraphAdapter(), FrameworkAdapter)\n"
     )
