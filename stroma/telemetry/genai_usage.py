@@ -62,6 +62,7 @@ The processor's callbacks never raise: a fault is logged once and counted (conve
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import weakref
 from collections.abc import Callable
@@ -256,6 +257,17 @@ PROCESSOR: Final = GenAIUsageProcessor()
 _attached: weakref.WeakSet[Any] = weakref.WeakSet()
 _attach_lock = threading.Lock()
 _global_seen: list[Any] = [None]
+
+
+def _after_fork_in_child() -> None:
+    # the parent's attempts never end in the child; its lock may be held by a thread not copied
+    global _attach_lock
+    _attach_lock = threading.Lock()
+    _nodes.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def attach(tracer_provider: Any) -> bool:
