@@ -21,7 +21,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, create_model
+from pydantic import BaseModel, ConfigDict, RootModel, create_model
+from pydantic.fields import FieldInfo
 
 from stroma.contracts import ContractRegistry, NodeContract
 from stroma.errors import ConfigurationError
@@ -185,11 +186,111 @@ class Plan:
             for position, step in enumerate(stage.steps)
         )
 
+    @functools.cached_property
+    def feed_problems(self) -> tuple[tuple[int, str], ...]:
+        """``(stage index, message)`` for each stage whose input the stage before cannot supply.
+
+        See :func:`feed_problem` for the rule; computed once per plan.
+        """
+        found = []
+        for before, stage in zip(self.stages, self.stages[1:], strict=False):
+            for step in stage.steps:
+                problem = feed_problem(before, step)
+                if problem is not None:
+                    found.append((stage.index, problem))
+        return tuple(found)
+
+    def check_feeds(self, first_stage: int = 0) -> None:
+        """Raise :class:`~stroma.errors.ConfigurationError` when a stage after *first_stage* needs
+        an input field that the stage before it never outputs (issue 8 C14).
+
+        Called before anything runs, so a pipeline that cannot work is refused before its
+        first step is paid for. The message names both steps and the field.
+        """
+        problems = [message for index, message in self.feed_problems if index > first_stage]
+        if problems:
+            raise ConfigurationError(
+                "; ".join(problems) + ". A step's input is the validated output of the stage before it (the "
+                "initial state feeds only the first stage, and the context dict is passed beside the input, "
+                "never merged into it). Nothing was run: add the field to the earlier output schema, or give "
+                "it a default in the input schema"
+            )
+
     def stage_of(self, step_id: str) -> Stage:
         for stage in self.stages:
             if any(step.step_id == step_id for step in stage.steps):
                 return stage
         raise KeyError(step_id)
+
+
+def _output_keys(schema: type[BaseModel]) -> set[str] | None:
+    """The keys ``schema(...).model_dump()`` always has, or ``None`` when that cannot be known
+    (extra fields allowed, a custom serializer, a root model)."""
+    if schema.model_config.get("extra") == "allow" or issubclass(schema, RootModel):
+        return None
+    if schema.__pydantic_decorators__.model_serializers:
+        return None
+    keys: set[str] = set()
+    for name, info in schema.model_fields.items():
+        if not info.exclude:
+            keys.add(name)  # and its aliases: a model may serialize by alias
+            keys.update(a for a in (info.alias, info.serialization_alias) if isinstance(a, str))
+    keys.update(schema.model_computed_fields)
+    return keys
+
+
+def _input_names(name: str, info: FieldInfo) -> set[str] | None:
+    """The keys that can supply input field *name*, or ``None`` when that cannot be known."""
+    names = {name}
+    for alias in (info.alias, info.validation_alias):
+        if isinstance(alias, str):
+            names.add(alias)
+        elif alias is not None:  # AliasChoices / AliasPath
+            return None
+    return names
+
+
+def feed_problem(before: Stage, step: StepSpec) -> str | None:
+    """Why *before*'s output cannot be *step*'s input, or ``None`` when it can (or may).
+
+    The rule, from how the runner passes state: *step* gets the previous stage's validated
+    output (a parallel stage: the union of its children's outputs), dumped with ``model_dump()``
+    and validated against *step*'s input schema. A required input field (no default) that none
+    of those outputs has, under its name or alias, would fail the input contract on every run.
+    Only certain failures are reported: an output that allows extra fields, custom serializers,
+    ``model_validator(mode="before"/"wrap")`` on the input, or alias choices skip the check.
+    """
+    schema = step.contract.input_schema
+    if any(issubclass(s.contract.output_schema, schema) for s in before.steps):
+        return None  # an instance of the input schema is passed as is
+    if issubclass(schema, RootModel) or any(
+        d.info.mode in ("before", "wrap") for d in schema.__pydantic_decorators__.model_validators.values()
+    ):
+        return None
+    provided: set[str] = set()
+    for earlier in before.steps:
+        keys = _output_keys(earlier.contract.output_schema)
+        if keys is None:
+            return None
+        provided |= keys
+    missing = []
+    for name, info in schema.model_fields.items():
+        if not info.is_required():
+            continue
+        names = _input_names(name, info)
+        if names is not None and not names & provided:
+            missing.append(name)
+    if not missing:
+        return None
+    if before.group is None:
+        source = f"the output of step {before.steps[0].step_id!r} ({before.output_schema.__name__})"
+    else:
+        ids = ", ".join(repr(s.step_id) for s in before.steps)
+        schemas = ", ".join(s.contract.output_schema.__name__ for s in before.steps)
+        source = f"the merged output of parallel steps {ids} ({schemas})"
+    fields = ", ".join(repr(m) for m in missing)
+    noun = "field" if len(missing) == 1 else "fields"
+    return f"step {step.step_id!r} needs input {noun} {fields} ({schema.__name__}), which {source} does not have"
 
 
 def _resolve_step(node: Any, registry: ContractRegistry, where: str) -> StepSpec:

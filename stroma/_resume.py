@@ -11,6 +11,7 @@ checkpoints; ``CheckpointManager.clear`` removes both). Its shape::
      "origin": {"trace_id": "…", "span_id": "…"},    # the run span of the first attempt (or null)
      "previous": {"trace_id": "…", "span_id": "…"},  # the run span of the latest attempt
      "attempts": 2,                                  # how many times the run id was started
+     "input_fingerprint": "sha256:…" | null,         # the initial state (see input_fingerprint)
      "usage": {"fetch": {"cost_usd": 0.01, "input_tokens": 10, "output_tokens": 5, "model": "m"}},
      "status": "running" | "completed" | "partial" | "failed" | "resumed",
      "result": null | {"status": "COMPLETED", "final_state": {…}, "total_cost_usd": …, …}}
@@ -22,6 +23,22 @@ steps with the usage they had, and never twice); and when the run ends. A crash 
 next manifest write loses that step's usage from the resumed run's totals; the step itself is
 restored, not re-run.
 
+Input identity (issue 8 B6): ``input_fingerprint`` is the SHA-256 of the canonical JSON of the
+run's initial state (:func:`input_fingerprint`). Running a run id again with:
+
+- the same input: the rules above (a finished run returns its stored result, an unfinished one
+  resumes);
+- a different input, when the stored run finished (``completed`` / ``resumed``): a new execution
+  of that run id; the old run's checkpoints and manifest are cleared first, then everything runs
+  (a fixed run id names a job, as in the established package, whose runs were independent);
+- a different input, when the stored run did not finish: :class:`~stroma.errors.RunInputChangedError`
+  naming the run id, before anything runs (continuing would mix two inputs' work);
+- an unknown input on either side (a manifest written before fingerprints existed, or an initial
+  state that cannot be encoded as JSON): the rules above, with a warning naming the run.
+
+``RunConfig.resume_from`` keeps its established meaning (continue from the checkpoints,
+whatever the input): a different input is logged as a warning, not refused.
+
 Pipeline identity: the ordered step ids, their stage and position, and the fingerprint of each
 step's output schema. Any difference is a :class:`~stroma.errors.PipelineChangedError` raised
 before anything runs. A step's code may change between attempts (that is how a failing step is
@@ -30,6 +47,8 @@ fixed); its output schema may not, because the checkpoints were validated agains
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -37,17 +56,42 @@ from typing import Any, Final
 
 from opentelemetry.trace import Link, SpanContext, TraceFlags
 from pydantic import BaseModel, ValidationError
+from pydantic_core import to_jsonable_python
 
 from stroma._pipeline import Plan
 from stroma.checkpoint import CheckpointManager
 from stroma.context import ReliabilityContext
-from stroma.errors import CheckpointError, PipelineChangedError
+from stroma.errors import CheckpointError, PipelineChangedError, RunInputChangedError
 from stroma.trace import ExecutionResult, ExecutionTrace, RunStatus
 
 logger = logging.getLogger("stroma")
 
 FORMAT: Final = "stroma.runner/1"
 _FINISHED: Final = frozenset({RunStatus.COMPLETED.otel_value, RunStatus.RESUMED.otel_value})
+
+
+def input_fingerprint(state: Any) -> str | None:
+    """``"sha256:<hex>"`` of the canonical JSON of *state*, or ``None`` when it has none.
+
+    Canonical: a pydantic model as ``model_dump(mode="json")``, anything else through pydantic's
+    JSON conversion, then sorted keys and no whitespace, so a model and the dict of the same
+    values fingerprint alike. ``None`` for a state that cannot be encoded as JSON (the input is
+    then unknown, see the module docs).
+    """
+    try:
+        data = state.model_dump(mode="json") if isinstance(state, BaseModel) else to_jsonable_python(state)
+        text = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    except (TypeError, ValueError, RecursionError):
+        return None
+    return "sha256:" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _same_input(manifest: Mapping[str, Any], fingerprint: str | None) -> bool | None:
+    """Whether the stored run had this input: ``None`` when either side is unknown."""
+    stored = manifest.get("input_fingerprint")
+    if not isinstance(stored, str) or fingerprint is None:
+        return None
+    return stored == fingerprint
 
 
 def manifest_steps(plan: Plan) -> list[dict[str, Any]]:
@@ -160,18 +204,51 @@ class ResumePoint:
 
 
 async def find_resume_point(
-    manager: CheckpointManager, run_id: str, plan: Plan, resume_from: str | None
+    manager: CheckpointManager,
+    run_id: str,
+    plan: Plan,
+    resume_from: str | None,
+    fingerprint: str | None = None,
 ) -> ResumePoint | ExecutionResult | None:
     """Read what is stored for *run_id* and decide how the run continues. Runs nothing.
 
-    Returns ``None`` for a run id with nothing stored (a fresh run), the stored
-    :class:`ExecutionResult` for a run that already completed (only without *resume_from*), or
-    a :class:`ResumePoint`. Raises :class:`PipelineChangedError` when *plan* differs from the
-    stored pipeline and :class:`~stroma.errors.CheckpointError` when stored data is unusable.
+    *fingerprint* is this call's :func:`input_fingerprint`. Returns ``None`` for a run id with
+    nothing stored, or whose finished run had a different input (its data is cleared first: a
+    new execution); the stored :class:`ExecutionResult` for a run that already completed with
+    this input (only without *resume_from*); or a :class:`ResumePoint`. Raises
+    :class:`PipelineChangedError` when *plan* differs from the stored pipeline,
+    :class:`~stroma.errors.RunInputChangedError` when an unfinished run had a different input,
+    and :class:`~stroma.errors.CheckpointError` when stored data is unusable.
     """
     manifest = await manager.load_manifest(run_id)
+    same: bool | None = None
     if manifest is not None:
+        same = _same_input(manifest, fingerprint)
+        finished = manifest.get("status") in _FINISHED
+        if same is False and finished and resume_from is None and manifest.get("format") == FORMAT:
+            # A new execution of a run id that names a job: nothing of the old run is reused.
+            await manager.clear(run_id)
+            return None
         check_pipeline(run_id, manifest, plan)
+        if same is None:
+            logger.warning(
+                "run %s: no input fingerprint to compare (a manifest from an older Stroma, or an initial "
+                "state that is not JSON); continuing the stored run without checking that its input is the same",
+                run_id,
+            )
+        elif not same and resume_from is not None:
+            logger.warning(
+                "run %s: resume_from=%r continues checkpoints written for a different initial state",
+                run_id,
+                resume_from,
+            )
+        elif not same:
+            raise RunInputChangedError(
+                f"run {run_id!r} did not finish (status {manifest.get('status')!r}) and was started with a "
+                "different initial state; continuing it would mix two inputs' work. Nothing was run. Run it "
+                "again with the input it started with to resume it, clear it (CheckpointManager.clear"
+                f"({run_id!r})) to start over, or use another run id."
+            )
     if resume_from is not None:
         return await _legacy_point(manager, run_id, plan, resume_from, manifest)
     if manifest is None:
@@ -233,7 +310,12 @@ class ManifestWriter:
     """Builds and saves the manifest of one run (see the module docs for when)."""
 
     def __init__(
-        self, manager: CheckpointManager, plan: Plan, ctx: ReliabilityContext, prior: Mapping[str, Any] | None
+        self,
+        manager: CheckpointManager,
+        plan: Plan,
+        ctx: ReliabilityContext,
+        prior: Mapping[str, Any] | None,
+        fingerprint: str | None = None,
     ) -> None:
         self._manager = manager
         self._ctx = ctx
@@ -248,6 +330,7 @@ class ManifestWriter:
             "origin": origin if isinstance(origin, Mapping) else this_run,
             "previous": this_run,
             "attempts": (attempts if isinstance(attempts, int) else 0) + 1,
+            "input_fingerprint": fingerprint,
         }
         self._written_usage: dict[str, dict[str, Any]] | None = None
 

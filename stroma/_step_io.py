@@ -11,11 +11,20 @@ from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, Final
 
-from stroma.errors import StromaError
+from pydantic import BaseModel, RootModel, ValidationError
+
+from stroma.errors import StromaError, UsageError
 
 logger = logging.getLogger("stroma")
+
+MAX_TOKENS: Final = 10**12
+"""Largest token count one attempt may report, per direction (input, output): a trillion, far
+above any model's context. A larger count is a bug in the step; accepting it would make every
+later metric export fail (OTLP carries counters as 64-bit integers) and the run's cost absurd."""
+
+CONTEXT_PARAMETER_NAMES: Final = frozenset({"context", "ctx"})
 
 
 class StepOutputError(StromaError, TypeError):
@@ -39,6 +48,35 @@ class _AttemptScope:
     usage: AttemptUsage
     preferred: str | None
     fallback: str | None
+    step_id: str | None = None
+
+
+def check_tokens(step_id: str | None, label: str, value: object) -> int:
+    """Return *value* if it is a token count Stroma accepts: an ``int`` (not ``bool``) from 0 to
+    :data:`MAX_TOKENS`. Otherwise raise :class:`~stroma.errors.UsageError` naming the step."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOKENS:
+        where = f"step {step_id!r}" if step_id is not None else "report_usage() outside a step"
+        raise UsageError(
+            f"{where} reported {label}={_short_repr(value)}; token counts must be integers from 0 to "
+            f"{MAX_TOKENS:,} per attempt"
+        )
+    return value
+
+
+def check_model(step_id: str | None, value: object) -> str | None:
+    """Return *value* if it is ``None`` or a model name (``str``); else raise ``UsageError``."""
+    if value is None or isinstance(value, str):
+        return value
+    where = f"step {step_id!r}" if step_id is not None else "report_usage() outside a step"
+    raise UsageError(f"{where} reported model of type {type(value).__name__}; a model name must be a str")
+
+
+def _short_repr(value: object) -> str:
+    try:
+        text = repr(value)
+    except Exception:
+        return f"<{type(value).__name__}>"
+    return text if len(text) <= 40 else text[:39] + "…"
 
 
 _current: ContextVar[_AttemptScope | None] = ContextVar("stroma_attempt", default=None)
@@ -49,19 +87,27 @@ def report_usage(input_tokens: int = 0, output_tokens: int = 0, model: str | Non
 
     Use it where a step cannot return its usage, above all before it raises: usage reported by
     a failed attempt is charged like any other (the provider bills it). Outside a step it does
-    nothing. Counts must be non-negative integers (``ValueError`` otherwise).
+    nothing.
+
+    Counts must be integers from 0 to :data:`MAX_TOKENS` (also for the attempt's running
+    total) and *model* a ``str`` or ``None``; anything else raises
+    :class:`~stroma.errors.UsageError` (a ``ValueError``) naming the step, records nothing, and,
+    if the step lets it propagate, fails the step as ``TERMINAL`` (a bug, not worth a retry).
     """
-    if isinstance(input_tokens, bool) or isinstance(output_tokens, bool):
-        raise ValueError("report_usage: token counts must be integers, not bool")
-    if input_tokens < 0 or output_tokens < 0:
-        raise ValueError(f"report_usage: token counts must be >= 0, got input={input_tokens}, output={output_tokens}")
     scope = _current.get()
+    step_id = scope.step_id if scope is not None else None
+    check_tokens(step_id, "input_tokens", input_tokens)
+    check_tokens(step_id, "output_tokens", output_tokens)
+    check_model(step_id, model)
     if scope is None:
         return
-    scope.usage.input_tokens += int(input_tokens)
-    scope.usage.output_tokens += int(output_tokens)
+    usage = scope.usage
+    check_tokens(step_id, "input_tokens (attempt total)", usage.input_tokens + input_tokens)
+    check_tokens(step_id, "output_tokens (attempt total)", usage.output_tokens + output_tokens)
+    usage.input_tokens += input_tokens
+    usage.output_tokens += output_tokens
     if model is not None:
-        scope.usage.model = model
+        usage.model = model
 
 
 def current_model(default: str | None = None) -> str | None:
@@ -83,9 +129,11 @@ def current_model(default: str | None = None) -> str | None:
     return default
 
 
-def enter_attempt(preferred: str | None, fallback: str | None) -> tuple[AttemptUsage, object]:
+def enter_attempt(
+    preferred: str | None, fallback: str | None, step_id: str | None = None
+) -> tuple[AttemptUsage, object]:
     usage = AttemptUsage()
-    token = _current.set(_AttemptScope(usage, preferred, fallback))
+    token = _current.set(_AttemptScope(usage, preferred, fallback, step_id))
     return usage, token
 
 
@@ -93,9 +141,27 @@ def exit_attempt(token: object) -> None:
     _current.reset(token)  # type: ignore[arg-type]
 
 
-@lru_cache(maxsize=4096)
 def accepts_context(func: Callable[..., Any]) -> bool:
-    """Whether *func* takes a second positional argument (the run's shared context dict)."""
+    """Whether *func* is called with the run's shared context dict as its second argument.
+
+    It is when its second positional parameter has no default (``def step(state, context)``),
+    or is named ``context`` or ``ctx`` (with or without a default), or when ``*args`` comes
+    before a second positional parameter. A second parameter with a default that is not
+    so named (``def shout(state, suffix="!")``, the ``fn=fn`` closure idiom) keeps its
+    default: the step is called with the state alone. Decided once per function (cached).
+    """
+    try:
+        return _accepts_context_cached(func)
+    except TypeError:  # an unhashable callable: decide without the cache
+        return _accepts_context(func)
+
+
+@lru_cache(maxsize=4096)
+def _accepts_context_cached(func: Callable[..., Any]) -> bool:
+    return _accepts_context(func)
+
+
+def _accepts_context(func: Callable[..., Any]) -> bool:
     try:
         signature = inspect.signature(func)
     except (TypeError, ValueError):
@@ -106,7 +172,9 @@ def accepts_context(func: Callable[..., Any]) -> bool:
             return True
         if parameter.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD):
             positional += 1
-    return positional >= 2
+            if positional == 2:
+                return parameter.default is inspect.Parameter.empty or parameter.name in CONTEXT_PARAMETER_NAMES
+    return False
 
 
 def unpack_output(step_id: str, output: Any) -> tuple[Any, int, int, str | None]:
@@ -133,10 +201,46 @@ def unpack_output(step_id: str, output: Any) -> tuple[Any, int, int, str | None]
             "(state, input_tokens, model) or (state, input_tokens, output_tokens, model)"
         )
     for label, value in (("input_tokens", input_tokens), ("output_tokens", output_tokens)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOKENS:
             raise StepOutputError(
-                f"step {step_id!r} returned {label}={value!r}; token counts must be non-negative integers"
+                f"step {step_id!r} returned {label}={_short_repr(value)}; token counts must be integers "
+                f"from 0 to {MAX_TOKENS:,} per attempt"
             )
     if model is not None and not isinstance(model, str):
-        raise StepOutputError(f"step {step_id!r} returned model={model!r}; expected a model name (str)")
+        raise StepOutputError(f"step {step_id!r} returned model={_short_repr(model)}; expected a model name (str)")
     return state, input_tokens, output_tokens, model
+
+
+def as_input_class(input_state: Any, output: Any) -> Any:
+    """Without a contract: a ``dict`` output of a step whose input is a pydantic model comes back
+    as an instance of the input's class, as the established package returned it.
+
+    Only when no data is lost: every key of *output* must be a field of that class (by name
+    or alias) and the dict must validate as it. Otherwise (another shape, a missing or invalid
+    field) the dict is returned unchanged: without a contract Stroma does not guess a schema.
+    """
+    if type(output) is not dict or not isinstance(input_state, BaseModel):
+        return output
+    cls = type(input_state)
+    known = _field_keys(cls)
+    if known is None or not all(isinstance(key, str) and key in known for key in output):
+        return output
+    try:
+        return cls.model_validate(output)
+    except (ValidationError, TypeError, ValueError):
+        return output
+
+
+@lru_cache(maxsize=1024)
+def _field_keys(cls: type[BaseModel]) -> frozenset[str] | None:
+    """The keys a dict for *cls* may have, or ``None`` when its extras would hide dropped keys."""
+    if cls.model_config.get("extra") == "allow" or issubclass(cls, RootModel):
+        return None
+    keys: set[str] = set()
+    for name, info in cls.model_fields.items():
+        keys.add(name)
+        if isinstance(info.alias, str):
+            keys.add(info.alias)
+        if isinstance(info.validation_alias, str):
+            keys.add(info.validation_alias)
+    return frozenset(keys)

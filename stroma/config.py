@@ -34,6 +34,7 @@ from pydantic import (
 from stroma.cost import ExecutionBudget, FallbackPolicy
 from stroma.errors import ConfigurationError
 from stroma.failures import Classifier, FailureClass, FailurePolicy, PolicyMap, default_policy_map
+from stroma.pricing import price_for
 from stroma.telemetry.settings import TelemetrySettings
 
 HookResult = Awaitable[None] | None
@@ -47,7 +48,9 @@ class NodeHooks:
     - ``on_node_success(run_id, step_id, output_state_dict, tokens_used)`` once a step succeeded;
     - ``on_node_failure(run_id, step_id, exc, failure_class)`` after each failed attempt.
 
-    Hooks run on the step's task, in order, and are awaited. A hook that raises is logged once
+    A hook that is neither ``None`` nor callable raises
+    :class:`~stroma.errors.ConfigurationError` naming it, at construction. Hooks run on the
+    step's task, in order, and are awaited. A hook that raises is logged once
     and ignored: it never changes the step's outcome and never re-runs a finished step. A hook
     must not block for long (it delays the step) and should not mutate the states it receives
     (they are copies made for the hook).
@@ -56,6 +59,14 @@ class NodeHooks:
     on_node_start: Callable[[str, str, dict[str, Any]], HookResult] | None = None
     on_node_success: Callable[[str, str, dict[str, Any], int], HookResult] | None = None
     on_node_failure: Callable[[str, str, Exception, FailureClass], HookResult] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("on_node_start", "on_node_success", "on_node_failure"):
+            hook = getattr(self, name)
+            if hook is not None and not callable(hook):
+                raise ConfigurationError(
+                    f"NodeHooks.{name} must be a function (plain or async) or None, got {type(hook).__name__}"
+                )
 
 
 StepHooks = NodeHooks
@@ -177,6 +188,13 @@ class RunConfig(BaseModel):
                 "RunConfig.model_fallbacks has budget-threshold fallbacks but budget.max_cost_usd is "
                 "not set, so they can never trigger"
             )
+        for model in dict.fromkeys(policy.fallback_model for policy in self.model_fallbacks):
+            if price_for(model) is None:
+                risks.append(
+                    f"RunConfig.model_fallbacks falls back to model {model!r}, which has no known price: its "
+                    "usage will be counted as $0 and marked unpriced (a budget cannot limit it); register "
+                    f"its price first with stroma.pricing.set_price({model!r}, input_per_1m=..., output_per_1m=...)"
+                )
         return risks
 
     def warn_risky(self, *, stacklevel: int = 2) -> None:

@@ -18,10 +18,13 @@ from typing import TYPE_CHECKING, Any
 
 from stroma._admission import BudgetGate
 from stroma.contracts import ContractRegistry
-from stroma.cost import BudgetExceeded, CostTracker, ExecutionBudget, FallbackPolicy, NodeUsage
+from stroma.cost import BudgetExceeded, CostTracker, Dimension, ExecutionBudget, FallbackPolicy, NodeUsage
+from stroma.errors import exception_types
 from stroma.failures import Classifier, PolicyMap, RetryBudget
+from stroma.pricing import preload as preload_prices
 from stroma.telemetry import names as n
 from stroma.telemetry import sinks
+from stroma.telemetry._bounds import bound_text
 from stroma.telemetry.records import SpanRecord
 from stroma.telemetry.runtime import Telemetry, get_telemetry
 from stroma.trace import ExecutionResult, ExecutionTrace, RunStatus
@@ -34,13 +37,39 @@ logger = logging.getLogger("stroma")
 
 
 def error_type_name(exc: BaseException) -> str:
+    """The ``error.type`` of *exc*: its class's qualified name, prefixed by its module unless the
+    module is ``builtins``; at most :data:`~stroma.telemetry._bounds.MAX_LABEL_CHARS` characters.
+
+    Never raises, whatever the class claims (a ``__module__`` of ``None`` or a non-string
+    name gives the bare class name).
+    """
     cls = type(exc)
-    module = cls.__module__
-    if module in ("builtins", "asyncio.exceptions"):
-        return cls.__qualname__
+    name = getattr(cls, "__qualname__", None)
+    if not isinstance(name, str):
+        name = getattr(cls, "__name__", None)
+        if not isinstance(name, str):
+            name = "Exception"
+    module = getattr(cls, "__module__", None)
+    if not isinstance(module, str) or module in ("builtins", "asyncio.exceptions"):
+        return bound_text(name)
     if module.startswith("stroma."):
-        return f"stroma.{cls.__qualname__}"
-    return f"{module}.{cls.__qualname__}"
+        return bound_text(f"stroma.{name}")
+    return bound_text(f"{module}.{name}")
+
+
+def error_message(exc: BaseException) -> str:
+    """``str(exc)``, or a placeholder naming the type when the exception's ``__str__`` raises.
+
+    Never raises (an exception object from user code may be hostile; its failure to print
+    must not turn a step's failure into a crash of the loop).
+    """
+    try:
+        text = str(exc)
+    except Exception as fault:
+        return f"<{error_type_name(exc)}: str() raised {error_type_name(fault)}>"
+    if not isinstance(text, str):  # pragma: no cover - str() always returns a str
+        return f"<{error_type_name(exc)}>"
+    return text
 
 
 def elapsed_ms(started: float) -> int:
@@ -91,10 +120,18 @@ class ReliabilityContext:
     finished: bool = field(init=False, default=False)
     _hook_faults: set[str] = field(init=False, default_factory=set)
     gate: BudgetGate = field(init=False)
+    # limited dimensions not yet warned about: (dimension, limit) (see check_budget_warning)
+    _unwarned: list[tuple[str, float]] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
         self.run_logger = logging.LoggerAdapter(logger, {"run_id": self.run_id})
         self.gate = BudgetGate(self.budget)
+        if self.budget.warn_at_pct is not None:
+            dimensions: tuple[Dimension, ...] = ("tokens", "cost", "latency")
+            for dimension in dimensions:
+                limit = self.budget.limit(dimension)
+                if limit is not None and limit > 0:
+                    self._unwarned.append((dimension, limit))
         # Span records are kept for the run sinks (the local run store) only.
         self.keep_records = sinks.has_run_sinks()
 
@@ -112,12 +149,19 @@ class ReliabilityContext:
         """A fresh context for one run of *config* (counters, trace and records start empty).
 
         ``config.context`` is shared with the steps as given (the established behaviour);
-        everything else is per run. Setting ``STROMA_RUN_STORE`` turns the local run store on
+        everything else is per run. With a cost limit or model fallbacks, the price table is
+        loaded here (once per process), before the first step. Setting ``STROMA_RUN_STORE`` turns the local run store on
         (:mod:`stroma.runstore`) for the runs created from then on.
         """
         from stroma.runstore import enable_from_env
 
         enable_from_env()
+        if config.budget.max_cost_usd is not None or config.model_fallbacks:
+            # Load the price table before the first step, not inside its first priced attempt.
+            models = {
+                name for policy in config.model_fallbacks for name in (policy.preferred_model, policy.fallback_model)
+            }
+            preload_prices(sorted(models))
         return cls(
             run_id=config.run_id,
             registry=registry,
@@ -209,6 +253,47 @@ class ReliabilityContext:
             attrs[n.BUDGET_DURATION_USAGE] = time.perf_counter() - self.started_perf
         return utilization
 
+    def check_budget_warning(self, record: SpanRecord, step_id: str) -> None:
+        """The early budget warning: call after an attempt's usage is charged.
+
+        The first time this run's use of a limited dimension (tokens, cost in USD, latency in
+        ms since the run started) reaches ``budget.warn_at_pct`` of its limit, *record* (the
+        step span) gets a ``stroma.budget.warning`` event and the ``stroma.budget.warnings``
+        counter is incremented, with an early export so that the warning alert does not wait
+        for the next scheduled one. At most once per run and dimension; costs nothing without
+        a budget or with ``warn_at_pct=None``.
+        """
+        if not self._unwarned:
+            return
+        pct = self.budget.warn_at_pct
+        if pct is None:  # not reached: _unwarned is empty then
+            return
+        for entry in list(self._unwarned):
+            dimension, limit = entry
+            if dimension == "tokens":
+                used = float(self.input_tokens + self.output_tokens)
+            elif dimension == "cost":
+                used = float(self.total_cost)
+            else:
+                used = float(elapsed_ms(self.started_perf))
+            utilization = used / limit
+            if utilization < pct:
+                continue
+            self._unwarned.remove(entry)
+            record.add_event(
+                n.EVENT_BUDGET_WARNING,
+                {
+                    n.BUDGET_DIMENSION: dimension,
+                    n.BUDGET_LIMIT: limit,
+                    n.BUDGET_USAGE: used,
+                    n.BUDGET_UTILIZATION: utilization,
+                    n.BUDGET_WARN_AT_PCT: pct,
+                    n.STEP_ID: step_id,
+                },
+            )
+            if self.telemetry.enabled:
+                self.telemetry.record_budget_warning(self.workflow_name, step_id, dimension)
+
     # --- results -----------------------------------------------------------------------------
 
     def result(
@@ -251,8 +336,16 @@ class ReliabilityContext:
         Each attempt span became one :class:`~stroma.trace.TraceEvent` of ``result.trace``;
         totals are those of the step spans. Ends the run span (if :meth:`as_run` opened one)
         with *status*, and releases the run's span records: after this the context holds no
-        per-step data beyond the trace returned to the caller.
+        per-step data beyond the trace returned to the caller. Raises ``TypeError`` when
+        *final_state* is itself an :class:`~stroma.trace.ExecutionResult` (pass its
+        ``final_state``).
         """
+        if isinstance(final_state, ExecutionResult):
+            raise TypeError(
+                "build_result(final_state=...) got an ExecutionResult, which would nest one run's result "
+                "in another; pass its state instead: final_state=result.final_state (a @step-decorated "
+                "function returns an ExecutionResult)"
+            )
         result = self.result(status, final_state, error=error, failed_step=failed_step)
         if not self.finished:
             self._end_run(status)
@@ -345,12 +438,13 @@ class ReliabilityContext:
         except Exception as exc:
             if name not in self._hook_faults:
                 self._hook_faults.add(name)
+                # Types only, never the message or a traceback: a hook's exception (or the step's
+                # exception it was raised from) can carry step content (issue 8 D16).
                 self.run_logger.warning(
                     "hook %s raised %s; ignored (the step's outcome is unchanged; later faults of this "
                     "hook in this run are not logged)",
                     name,
-                    error_type_name(exc),
-                    exc_info=exc,
+                    exception_types(exc),
                 )
 
 

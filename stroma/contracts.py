@@ -20,6 +20,7 @@ Two rules shape this module:
 
 from __future__ import annotations
 
+import inspect
 import math
 import types
 import typing
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Literal
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, RootModel, ValidationError
 
 from stroma.errors import ConfigurationError, StromaError
 
@@ -214,8 +215,12 @@ class BoundaryValidator:
 
         *raw* may be:
 
-        * an instance of the schema (or a subclass): returned as is, not re-validated; only the
-          depth and finiteness checks run;
+        * an instance of the schema (or a subclass): revalidated against its own class, as
+          pydantic's ``revalidate_instances="always"`` does (its fields are validated again,
+          without a dump round trip), so an instance made invalid by ``model_construct()`` or by
+          assignment without ``validate_assignment`` is a violation here, not a checkpoint that
+          can never be read back. The instance itself is returned when validation changed
+          nothing, else the validated copy (same class, fields set and private attributes kept);
         * another pydantic model: its ``model_dump()`` is validated;
         * a mapping: validated with ``schema.model_validate``.
 
@@ -224,10 +229,13 @@ class BoundaryValidator:
         """
         schema = contract.schema_for(direction)
         node_id = contract.node_id
-        if isinstance(raw, schema):
-            self._check_values(node_id, direction, raw, raw)
-            return raw
         try:
+            if isinstance(raw, schema):
+                model = _revalidate_instance(raw)
+                if model.__dict__ == raw.__dict__ and model.__pydantic_extra__ == raw.__pydantic_extra__:
+                    model = raw  # nothing was coerced: keep the caller's object
+                self._check_values(node_id, direction, raw, model)
+                return model
             if isinstance(raw, BaseModel):
                 data: Any = raw.model_dump()
             elif isinstance(raw, dict):
@@ -264,6 +272,52 @@ class BoundaryValidator:
             return
         errors = _scan_errors(model, self.max_depth, self.allow_non_finite)
         raise ContractViolation(node_id, direction, raw, errors)
+
+
+_VALIDATE_BY_NAME = "by_name" in inspect.signature(BaseModel.model_validate).parameters  # pydantic >= 2.11
+
+
+def _revalidate_instance(raw: BaseModel) -> BaseModel:
+    """Validate the fields of *raw* again with its own class; return the validated copy.
+
+    The field values are validated directly (no serialisation). Should that fail for an
+    instance whose dump does validate (a model whose ``mode="before"`` validator expects its
+    own input shape), the dump's validation decides, so a valid instance is never refused.
+    Raises pydantic's ``ValidationError`` for an invalid instance.
+    """
+    cls = type(raw)
+    if isinstance(raw, RootModel):
+        return cls.model_validate(raw.root)
+    data = dict(raw.__dict__)
+    extra = raw.__pydantic_extra__
+    if extra:
+        data.update(extra)
+    try:
+        if _VALIDATE_BY_NAME:
+            model = cls.model_validate(data, by_name=True)
+        else:
+            model = cls.model_validate(_keyed_by_alias(cls, data))
+    except ValidationError as invalid:
+        try:
+            dumped = raw.model_dump(warnings=False)
+        except Exception:
+            raise invalid from None
+        model = cls.model_validate(dumped)
+    object.__setattr__(model, "__pydantic_fields_set__", set(raw.__pydantic_fields_set__))
+    private = raw.__pydantic_private__
+    if private:
+        object.__setattr__(model, "__pydantic_private__", dict(private))
+    return model
+
+
+def _keyed_by_alias(cls: type[BaseModel], data: dict[str, Any]) -> dict[str, Any]:
+    """*data* with each field's value under the name validation expects (its alias, if any)."""
+    keyed = dict(data)
+    for name, info in cls.model_fields.items():
+        alias = info.validation_alias if isinstance(info.validation_alias, str) else info.alias
+        if alias and alias != name and name in keyed and not cls.model_config.get("populate_by_name"):
+            keyed[alias] = keyed.pop(name)
+    return keyed
 
 
 _LEAF_TYPES: frozenset[type] = frozenset({str, int, bool, type(None), bytes})

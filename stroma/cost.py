@@ -63,11 +63,17 @@ class ExecutionBudget(BaseModel):
             ``"warn"`` (default: the usage is marked unpriced, logged and reported) or
             ``"fail"`` (the run stops as ``PARTIAL``: spend can no longer be enforced). The
             step loop applies this policy; :class:`CostTracker` only records the flag.
+        warn_at_pct: share of a limit (0 < pct <= 1, default 0.8) at which the run gets its early
+            warning: the first time the run's use of a limited dimension reaches it, the step
+            span gets a ``stroma.budget.warning`` event and ``stroma.budget.warnings`` counts it
+            (at most once per run and dimension; a limit of 0 never warns). ``None``: no warning.
 
-    A limit of 0 is allowed and means nothing may be spent: no attempt starts. Negative,
-    NaN, infinite or non-numeric limits raise :class:`~stroma.errors.ConfigurationError`
-    naming the setting. Budgets are immutable (note that pydantic's ``model_copy(update=...)``
-    skips validation; build a new budget instead).
+    A limit of 0 is allowed and means nothing may be spent: no attempt starts (the one rule for
+    the library and the CLI). Negative, NaN, infinite or non-numeric limits (strings such as
+    ``"0.1"`` included: they are refused, not parsed) raise
+    :class:`~stroma.errors.ConfigurationError` naming the setting.
+    Budgets are immutable (note that pydantic's ``model_copy(update=...)`` skips validation;
+    build a new budget instead).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -76,6 +82,7 @@ class ExecutionBudget(BaseModel):
     max_cost_usd: float | None = None
     max_latency_ms: int | None = None
     unpriced: Literal["warn", "fail"] = "warn"
+    warn_at_pct: float | None = 0.8
 
     def __init__(
         self,
@@ -83,6 +90,7 @@ class ExecutionBudget(BaseModel):
         max_cost_usd: float | None = None,
         max_latency_ms: int | None = None,
         unpriced: Literal["warn", "fail"] = "warn",
+        warn_at_pct: float | None = 0.8,
     ) -> None:
         try:
             super().__init__(
@@ -90,15 +98,20 @@ class ExecutionBudget(BaseModel):
                 max_cost_usd=max_cost_usd,
                 max_latency_ms=max_latency_ms,
                 unpriced=unpriced,
+                warn_at_pct=warn_at_pct,
             )
         except ValidationError as exc:
             raise _configuration_error("ExecutionBudget", exc) from exc
 
-    @field_validator("max_tokens_total", "max_cost_usd", "max_latency_ms", mode="before")
+    @field_validator("max_tokens_total", "max_cost_usd", "max_latency_ms", "warn_at_pct", mode="before")
     @classmethod
     def _no_bools(cls, value: Any) -> Any:
         if isinstance(value, bool):
             raise ValueError("must be a number or None, not a bool")
+        if isinstance(value, (str, bytes, bytearray)):
+            # "0.1" is refused rather than parsed: a limit read from text should be converted
+            # (and checked) where it is read, so a typo cannot become a budget silently
+            raise ValueError("must be a number or None, not a string")
         return value
 
     @field_validator("max_tokens_total", "max_cost_usd", "max_latency_ms", mode="after")
@@ -106,6 +119,13 @@ class ExecutionBudget(BaseModel):
     def _non_negative(cls, value: float | None) -> float | None:
         if value is not None and (not math.isfinite(value) or value < 0):
             raise ValueError("must be a finite number >= 0 or None")
+        return value
+
+    @field_validator("warn_at_pct", mode="after")
+    @classmethod
+    def _a_share(cls, value: float | None) -> float | None:
+        if value is not None and not (math.isfinite(value) and 0 < value <= 1):
+            raise ValueError("must be a share of the limit with 0 < warn_at_pct <= 1 (e.g. 0.8), or None")
         return value
 
     @classmethod

@@ -24,7 +24,7 @@ from typing import Any, Final
 from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator, model_validator
 
 from stroma.contracts import ContractViolation
-from stroma.errors import ConfigurationError
+from stroma.errors import ConfigurationError, UsageError, exception_types
 from stroma.retry import retry_delays
 
 __all__ = [
@@ -312,6 +312,7 @@ def classify(exc: BaseException, context: NodeContext, classifiers: Sequence[Cla
     ========================================================  ===============
     :class:`~stroma.contracts.ContractViolation`              ``TERMINAL``
     :class:`~stroma.cost.BudgetExceeded` (never retried)      ``TERMINAL``
+    :class:`~stroma.errors.UsageError` (bad usage reported)   ``TERMINAL``
     ``TimeoutError``, ``asyncio.TimeoutError``,               ``RECOVERABLE``
     ``ConnectionError`` (and subclasses)
     HTTP status 408, 409, 425, 429 or 5xx                     ``RECOVERABLE``
@@ -348,8 +349,10 @@ def classify(exc: BaseException, context: NodeContext, classifiers: Sequence[Cla
 def _ask(classifier: Classifier, exc: Exception, context: NodeContext) -> FailureClass | None:
     try:
         result: Any = classifier(exc, context)
-    except Exception:
-        _log_classifier_once(classifier, "raised; it is skipped", exc_info=True)
+    except Exception as fault:
+        # the type chain only: the classifier's exception may be raised from the step's own,
+        # whose message (and traceback) can carry step content (issue 8 D16)
+        _log_classifier_once(classifier, f"raised {exception_types(fault)}; it is skipped")
         return None
     if result is None:
         return None
@@ -376,7 +379,7 @@ def _as_failure_class(value: Any) -> FailureClass | None:
     return None
 
 
-def _log_classifier_once(classifier: Any, what: str, *, exc_info: bool = False) -> None:
+def _log_classifier_once(classifier: Any, what: str) -> None:
     name = getattr(classifier, "__qualname__", None) or type(classifier).__qualname__
     key = (id(classifier), str(name))
     with _logged_lock:
@@ -385,7 +388,7 @@ def _log_classifier_once(classifier: Any, what: str, *, exc_info: bool = False) 
         if len(_logged_classifiers) >= _LOGGED_LIMIT:
             _logged_classifiers.pop(next(iter(_logged_classifiers)))
         _logged_classifiers[key] = None
-    _log.warning("failure classifier %s %s (logged once per classifier)", name, what, exc_info=exc_info)
+    _log.warning("failure classifier %s %s (logged once per classifier)", name, what)
 
 
 def _http_status(exc: Exception) -> int | None:
@@ -405,7 +408,7 @@ def _http_status(exc: Exception) -> int | None:
 def _builtin_class(exc: Exception) -> FailureClass:
     from stroma.cost import BudgetExceeded  # stroma.cost imports this module
 
-    if isinstance(exc, (ContractViolation, BudgetExceeded)):
+    if isinstance(exc, (ContractViolation, BudgetExceeded, UsageError)):
         return FailureClass.TERMINAL
     if isinstance(exc, _RECOVERABLE_TYPES):
         return FailureClass.RECOVERABLE

@@ -39,13 +39,14 @@ from pydantic import BaseModel
 
 from stroma import _step_io
 from stroma._step_state import AttemptEvent, StepState, choose_fallback, dump_state, error_fallback, note_fallback
-from stroma.context import ReliabilityContext, breach_attributes, elapsed_ms, error_type_name
+from stroma.context import ReliabilityContext, breach_attributes, elapsed_ms, error_message, error_type_name
 from stroma.contracts import ContractViolation, NodeContract
 from stroma.cost import BudgetExceeded
 from stroma.failures import FailureClass, NodeContext, classify, resolve_policy
 from stroma.pricing import cost_usd
 from stroma.telemetry import genai_usage
 from stroma.telemetry import names as n
+from stroma.telemetry._bounds import bound_text
 from stroma.telemetry.records import SpanRecord
 from stroma.trace import ExecutionResult, RunStatus
 
@@ -82,16 +83,20 @@ async def execute_step(
     """Run *func* on *input_state* as one reliable, observable step; never raises for a
     failure of the step itself.
 
-    *func* is called as ``func(state)`` or, if it takes two positional parameters,
-    ``func(state, ctx.context)``; it may be a coroutine function or a plain function (a plain
-    function runs on the event loop's thread, so it should not block for long; a timeout cannot
-    interrupt it). It returns a state, or ``(state, tokens)``, ``(state, input_tokens, model)``
-    or ``(state, input_tokens, output_tokens, model)``; usage can also be reported from inside
+    *func* is called as ``func(state)`` or, if its second positional parameter has no default
+    (or is named ``context`` or ``ctx``), ``func(state, ctx.context)``; it may be a coroutine
+    function or a plain function (a plain function runs on the event loop's thread, so it should
+    not block for long; a timeout cannot interrupt it). It returns a state, or
+    ``(state, tokens)``, ``(state, input_tokens, model)`` or
+    ``(state, input_tokens, output_tokens, model)``; usage can also be reported from inside
     with :func:`stroma.report_usage`.
 
     With *contract*, the input and output are validated against it (it is registered in
     ``ctx.registry`` if it is not there yet) and the validated output is checkpointed; without
-    one, states pass through unvalidated and only model outputs are checkpointed.
+    one, states pass through unvalidated and only model outputs are checkpointed, except that a
+    ``dict`` output of a step whose input is a pydantic model is returned as an instance of the
+    input's class when it is one without loss (the established behaviour; see
+    :func:`stroma._step_io.as_input_class`).
 
     Returns the run's :class:`~stroma.trace.ExecutionResult` so far: ``COMPLETED`` with the
     output as ``final_state``; ``FAILED`` (terminal failure, invalid input) or ``PARTIAL``
@@ -184,9 +189,9 @@ async def _run_step(step: StepState, func: Callable[..., Any], input_state: Any)
             telemetry.start(arecord)
             attempt_token = telemetry.set_current(arecord)
         if fallback is None:
-            usage, usage_token = _step_io.enter_attempt(None, None)
+            usage, usage_token = _step_io.enter_attempt(None, None, step_id)
         else:
-            usage, usage_token = _step_io.enter_attempt(fallback.preferred_model, fallback.fallback_model)
+            usage, usage_token = _step_io.enter_attempt(fallback.preferred_model, fallback.fallback_model, step_id)
         output_model: Any = None
         failure: Exception | None = None
         try:
@@ -205,6 +210,10 @@ async def _run_step(step: StepState, func: Callable[..., Any], input_state: Any)
                 else:
                     outcome = await outcome
             raw_output, in_tok, out_tok, declared_model = _step_io.unpack_output(step_id, outcome)
+            if in_tok or out_tok:
+                # returned usage adds to what report_usage() recorded: the sum is bounded too
+                _step_io.check_tokens(step_id, "input_tokens (attempt total)", usage.input_tokens + in_tok)
+                _step_io.check_tokens(step_id, "output_tokens (attempt total)", usage.output_tokens + out_tok)
             usage.input_tokens += in_tok
             usage.output_tokens += out_tok
             if declared_model is not None:
@@ -212,7 +221,7 @@ async def _run_step(step: StepState, func: Callable[..., Any], input_state: Any)
             if contract is not None:
                 output_model = ctx.registry.validate_output(step_id, raw_output)
             else:
-                output_model = raw_output
+                output_model = _step_io.as_input_class(validated_input, raw_output)
         except Exception as exc:
             failure = exc
         except BaseException as exc:
@@ -240,7 +249,7 @@ async def _run_step(step: StepState, func: Callable[..., Any], input_state: Any)
             if breach is not None:
                 return _breach(step, breach, output_model)
             if check_budget and _unpriced_stop(step):
-                return _stop(step, RunStatus.PARTIAL, output_model, _UNPRICED_MESSAGE)
+                return _stop(step, RunStatus.PARTIAL, output_model, _unpriced_message(step))
             if ctx.hooks.on_node_success is not None:
                 await ctx.call_hook(
                     "on_node_success", step_id, dump_state(output_model), usage.input_tokens + usage.output_tokens
@@ -256,7 +265,7 @@ async def _run_step(step: StepState, func: Callable[..., Any], input_state: Any)
         arecord.attributes[n.FAILURE_CLASS] = failure_class.otel_value
         exception_event: dict[str, Any] = {"exception.type": error_type}
         if telemetry.capture_content:
-            telemetry.capture(arecord, "exception.message", str(failure))
+            telemetry.capture(arecord, "exception.message", error_message(failure))
             exception_event["exception.message"] = arecord.attributes.pop("exception.message", "")
         arecord.add_event("exception", exception_event)
         if isinstance(failure, ContractViolation):
@@ -272,7 +281,7 @@ async def _run_step(step: StepState, func: Callable[..., Any], input_state: Any)
         if isinstance(failure, BudgetExceeded):
             return _breach(step, failure, input_state)
         if check_budget and _unpriced_stop(step):
-            return _stop(step, RunStatus.PARTIAL, input_state, _UNPRICED_MESSAGE)
+            return _stop(step, RunStatus.PARTIAL, input_state, _unpriced_message(step))
 
         policy = resolve_policy(failure_class, step_id, ctx.policy_map, ctx.step_policies)
         if failure_class is FailureClass.TERMINAL or attempt > policy.max_retries:
@@ -308,10 +317,19 @@ async def _run_step(step: StepState, func: Callable[..., Any], input_state: Any)
             await sleep(delay)
 
 
-_UNPRICED_MESSAGE = (
-    "usage of a model with no known price, and the budget's unpriced policy is 'fail'; "
-    "register its price with stroma.pricing.set_price() or set ExecutionBudget(unpriced='warn')"
-)
+def _unpriced_message(step: StepState) -> str:
+    """Why ``unpriced="fail"`` stopped *step*: the step, the model(s) without a price, the fix."""
+    models = sorted(step.ctx.unpriced_models)
+    named = ", ".join(repr(bound_text(model, 128)) for model in models[:5])
+    if len(models) > 5:
+        named += f" and {len(models) - 5} more"
+    example = bound_text(models[0], 128) if models else "<model>"
+    return (
+        f"step {step.step_id!r} used model(s) with no known price ({named}) and the budget's unpriced "
+        "policy is 'fail', so the cost limit cannot be enforced; register a price with "
+        f"stroma.pricing.set_price({example!r}, input_per_1m=..., output_per_1m=...) "
+        "or set ExecutionBudget(unpriced='warn')"
+    )
 
 
 def _attempt_timeout(ctx: ReliabilityContext, timeout_ms: int | None) -> float | None:
@@ -327,12 +345,20 @@ def _note_unpriced(ctx: ReliabilityContext, model: str) -> None:
     if model in ctx.unpriced_models:
         return
     ctx.unpriced_models.add(model)
+    seen = len(ctx.unpriced_models)
+    if seen > _UNPRICED_LOGGED:
+        return  # every one is still flagged on its spans and listed in result.unpriced_models
     ctx.run_logger.warning(
         "model %s has no known price: its usage is counted as $0 and flagged stroma.cost.unpriced; "
-        "register a price with stroma.pricing.set_price() (budget unpriced policy: %s)",
+        "register a price with stroma.pricing.set_price() (budget unpriced policy: %s)%s",
         model,
         ctx.budget.unpriced,
+        "; further unpriced models of this run are not logged" if seen == _UNPRICED_LOGGED else "",
     )
+
+
+_UNPRICED_LOGGED = 20
+"""Unpriced models logged per run (one line each); later ones are only flagged."""
 
 
 def _unpriced_stop(step: StepState) -> bool:
@@ -352,13 +378,15 @@ def _finish_attempt(
 ) -> None:
     """Charge the attempt's usage, end its span and append its :class:`TraceEvent` (deferred)."""
     ctx = step.ctx
+    # The attempt ends now: pricing and bookkeeping below are not charged to its duration.
+    duration_ms = int((time.perf_counter() - started) * 1000)
+    ended_ns = time.time_ns()
     if arecord.span_context is not None:
         genai_usage.settle(ctx.telemetry.usage_source, arecord, usage)  # issue 10: model-call spans
     model = note_fallback(step, usage.model)
     in_tok, out_tok = usage.input_tokens, usage.output_tokens
     cost, priced = cost_usd(model, in_tok, out_tok) if usage.cost is None else usage.cost
     unpriced = not priced
-    duration_ms = int((time.perf_counter() - started) * 1000)
     attrs = arecord.attributes
     if in_tok or out_tok or model is not None:
         attrs[n.USAGE_INPUT_TOKENS] = in_tok
@@ -367,15 +395,18 @@ def _finish_attempt(
         attrs[n.COST_CURRENCY] = n.CURRENCY_USD
         if unpriced:
             attrs[n.COST_UNPRICED] = True
-        if model is not None:
-            attrs[n.MODEL] = model
-            step.attempt_models.append(model)
+        # A model name is user input: priced as given, but bounded in length wherever it is
+        # kept or shown (spans, the cost tracker, logs, the result's unpriced_models).
+        shown = bound_text(model) if model is not None else None
+        if shown is not None:
+            attrs[n.MODEL] = shown
+            step.attempt_models.append(shown)
         ctx.cost_tracker.add(
             step.step_id,
             tokens_used=in_tok + out_tok,
             cost_usd=cost,
             latency_ms=duration_ms,
-            model=model,
+            model=shown,
             output_tokens=out_tok,
             unpriced=unpriced,
         )
@@ -389,11 +420,12 @@ def _finish_attempt(
         if ctx.telemetry.enabled:
             ctx.telemetry.record_usage(ctx.workflow_name, step.step_id, model, in_tok, out_tok, cost, unpriced)
         if unpriced:
-            _note_unpriced(ctx, model or "unknown")
+            _note_unpriced(ctx, shown or "unknown")
     step.attempts += 1
+    ctx.check_budget_warning(step.record, step.step_id)
     if ctx.gate.active:
         ctx.gate.leave(cost, in_tok + out_tok)
-    arecord.end_ns = time.time_ns()
+    arecord.end_ns = ended_ns
     if arecord.span is not None:
         ctx.telemetry.finish(arecord)
     if ctx.keep_records:
@@ -403,7 +435,7 @@ def _finish_attempt(
     else:
         failure_class, exc = failed
         ctx.trace.append_deferred(
-            AttemptEvent(ctx.run_id, arecord, input_state, output_state, duration_ms, failure_class, str(exc))
+            AttemptEvent(ctx.run_id, arecord, input_state, output_state, duration_ms, failure_class, error_message(exc))
         )
 
 
@@ -466,7 +498,10 @@ def _failure_message(step: StepState, failure: Exception) -> str:
     models: dict[str, list[str]] = {}
     for model, error_type in step.failures:
         models.setdefault(model or "(no model)", []).append(error_type)
-    head = f"step {step.step_id!r} failed after {len(step.failures)} attempt(s): {error_type_name(failure)}: {failure}"
+    head = (
+        f"step {step.step_id!r} failed after {len(step.failures)} attempt(s): "
+        f"{error_type_name(failure)}: {error_message(failure)}"
+    )
     if len(models) > 1:
         detail = "; ".join(f"{model}: {', '.join(errors)}" for model, errors in models.items())
         return f"{head} [per model: {detail}]"

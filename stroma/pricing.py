@@ -35,11 +35,12 @@ fails a run. Unknown models are unpriced, never silently $0 (the step loop marks
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import threading
 import time
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Iterable, Iterator, MutableMapping
 from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 from decimal import Decimal
@@ -48,6 +49,7 @@ from typing import Any, Final, Literal
 import genai_prices
 
 from stroma.errors import ConfigurationError
+from stroma.telemetry._bounds import MAX_LABEL_CHARS, bound_text
 
 __all__ = [
     "KNOWN_MODELS",
@@ -56,6 +58,7 @@ __all__ = [
     "clear_price_overrides",
     "cost_usd",
     "estimate_cost_usd",
+    "preload",
     "price_for",
     "remove_price",
     "set_price",
@@ -174,18 +177,34 @@ def _log_once(key: str, message: str, *args: object, exc_info: bool = False) -> 
     _log.warning(message, *args, exc_info=exc_info)
 
 
+MAX_MODEL_CHARS: Final = MAX_LABEL_CHARS
+"""Longest model name that can be priced; a longer one is unpriced (and not cached)."""
+
+MAX_PRICE_PER_1M: Final = 1_000_000.0
+"""Largest price override accepted, in USD per 1M tokens ($1 per token). With token counts
+bounded per attempt (:data:`stroma._step_io.MAX_TOKENS`) this keeps every cost finite."""
+
+
+def _valid_price(value: object) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float, Decimal)):
+        return False
+    if isinstance(value, Decimal):
+        # is_finite() never raises; math.isfinite() raises ValueError on a signalling NaN
+        return value.is_finite() and 0 <= value <= MAX_PRICE_PER_1M
+    return math.isfinite(value) and 0 <= value <= MAX_PRICE_PER_1M
+
+
 def _check_price(model: object, input_per_1m: object, output_per_1m: object) -> None:
-    if not isinstance(model, str) or not model.strip():
-        raise ConfigurationError(f"price override: model must be a non-empty string, got {model!r}")
+    if not isinstance(model, str) or not model.strip() or len(model) > MAX_MODEL_CHARS:
+        shown = repr(model) if not isinstance(model, str) else repr(bound_text(model, 64))
+        raise ConfigurationError(
+            f"price override: model must be a non-empty string of at most {MAX_MODEL_CHARS} characters, got {shown}"
+        )
     for name, value in (("input_per_1m", input_per_1m), ("output_per_1m", output_per_1m)):
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float, Decimal))
-            or not math.isfinite(value)
-            or value < 0
-        ):
+        if not _valid_price(value):
             raise ConfigurationError(
-                f"price override for {model!r}: {name} must be a finite number >= 0 (USD per 1M tokens), got {value!r}"
+                f"price override for {model!r}: {name} must be a finite number from 0 to {MAX_PRICE_PER_1M:,.0f} "
+                f"(USD per 1M tokens), got {value!r}"
             )
 
 
@@ -195,7 +214,8 @@ def set_price(model: str, *, input_per_1m: float, output_per_1m: float) -> None:
     An override beats genai-prices, and also applies to ``"provider:model"`` and
     ``"provider/model"`` strings whose model part equals *model*. Raises
     :class:`~stroma.errors.ConfigurationError` for an empty model name or a negative,
-    non-finite or non-numeric price. Overrides are process-wide; see
+    non-finite (including ``Decimal`` NaN), non-numeric (a string is refused, not parsed) or
+    absurd price (above :data:`MAX_PRICE_PER_1M`). Overrides are process-wide; see
     :func:`clear_price_overrides`.
     """
     _check_price(model, input_per_1m, output_per_1m)
@@ -233,16 +253,40 @@ def price_for(model: str) -> ModelPrice | None:
 
     Accepts ``"gpt-4o"``, ``"provider:model"`` and ``"provider/model"`` (see the module
     docstring for the order). The first call for a given string searches the overrides and the
-    genai-prices table; later calls are a cache lookup. Never raises.
+    genai-prices table; later calls are a cache lookup. A name longer than
+    :data:`MAX_MODEL_CHARS` has no price (and is not cached). Never raises.
     """
     price = _cache.get(model) if isinstance(model, str) else None
     if price is None:
-        if not isinstance(model, str) or not model or model in _cache:
+        if not isinstance(model, str) or not model or len(model) > MAX_MODEL_CHARS or model in _cache:
+            # no model name is that long: unpriced, and never cached (the cache holds the names)
             return None
         return _resolve_and_cache(model)
     if price.valid_until is not None and time.time() >= price.valid_until:
         return _resolve_and_cache(model)
     return price
+
+
+def preload(models: Iterable[str] = ()) -> None:
+    """Load the genai-prices table now (once per process) and resolve *models*, so the first
+    priced call of a run does not pay for it (30-60 ms on a quiet machine). Never raises."""
+    global _table_collected
+    try:
+        genai_prices.data_snapshot.get_snapshot()
+    except Exception:
+        _log_once("preload", "genai-prices could not load its price table; models may be unpriced", exc_info=True)
+        return
+    if not _table_collected:
+        # Loading the table allocates tens of thousands of objects; the interpreter's next full
+        # garbage collection would then land inside the first attempt (~100 ms measured). Pay it
+        # here, once, while the run is being set up.
+        _table_collected = True
+        gc.collect()
+    for model in models:
+        price_for(model)
+
+
+_table_collected = False
 
 
 def cost_usd(model: str | None, input_tokens: int, output_tokens: int) -> tuple[float, bool]:
@@ -253,7 +297,8 @@ def cost_usd(model: str | None, input_tokens: int, output_tokens: int) -> tuple[
     * tokens used but no model, or a model with no known price: ``(0.0, False)``; the caller
       marks the usage unpriced (design §3, improvement 6).
 
-    Negative token counts count as 0. Never raises.
+    Negative token counts count as 0. A cost that is not finite (an absurd table price) makes
+    the usage unpriced and is logged once. Never raises.
     """
     try:
         if input_tokens <= 0 and output_tokens <= 0:
@@ -263,7 +308,11 @@ def cost_usd(model: str | None, input_tokens: int, output_tokens: int) -> tuple[
         price = price_for(model)
         if price is None:
             return 0.0, False
-        return price.cost(input_tokens, output_tokens), True
+        cost = price.cost(input_tokens, output_tokens)
+        if not math.isfinite(cost) or cost < 0:
+            # never let an infinite or negative cost reach totals, budgets, metrics or checkpoints
+            raise ArithmeticError("the computed cost is not a finite amount >= 0")
+        return cost, True
     except Exception:
         _log_once("cost_usd", "pricing failed for model %r; usage marked unpriced", model, exc_info=True)
         return 0.0, False

@@ -22,7 +22,10 @@ the runner keeps a manifest per run (:mod:`stroma._resume`), so running a run id
   span each) and continues with the first step that did not; the run span links to the original
   run span and carries ``stroma.run.resumed_from`` (the step execution continued from);
 - whose pipeline changed (steps renamed, added, moved, or an output schema changed) raises
-  :class:`~stroma.errors.PipelineChangedError` before any step runs.
+  :class:`~stroma.errors.PipelineChangedError` before any step runs;
+- with a different initial state than the run started with (compared by a fingerprint kept in
+  the manifest, see :mod:`stroma._resume`): a finished run starts a new execution of that run
+  id, an unfinished one raises :class:`~stroma.errors.RunInputChangedError` before any step runs.
 
 ``RunConfig.resume_from=<step id>`` keeps the established meaning: skip the steps before it,
 start from the checkpoint of the step before it, run everything from there again, and end with
@@ -46,13 +49,13 @@ import asyncio
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, Final, Literal, TypeVar
 
 from pydantic import BaseModel
 
 from stroma._parallel import MergeConflict, merge_outputs, run_parallel_stage
 from stroma._pipeline import ConflictRule, ParallelGroup, Plan, PlanCache, Stage, mark_node, parallel
-from stroma._resume import ManifestWriter, ResumePoint, find_resume_point
+from stroma._resume import ManifestWriter, ResumePoint, find_resume_point, input_fingerprint
 from stroma.checkpoint import AsyncCheckpointStore, AsyncInMemoryStore, CheckpointManager, CheckpointStore
 from stroma.config import NodeHooks, RunConfig, StepHooks, check_run_id, new_run_id
 from stroma.contracts import ContractRegistry, NodeContract
@@ -60,6 +63,7 @@ from stroma.cost import ExecutionBudget, FallbackPolicy
 from stroma.errors import ConfigurationError
 from stroma.failures import Classifier, FailureClass, PolicyMap
 from stroma.middleware import ReliabilityContext, execute_step
+from stroma.telemetry import sinks
 from stroma.trace import ExecutionResult, RunStatus
 
 __all__ = [
@@ -210,18 +214,22 @@ class StromaRunner:
         cost_usd: float | None = None,
         latency_ms: int | None = None,
         unpriced: Literal["warn", "fail"] | None = None,
+        warn_at_pct: float | None = None,
     ) -> StromaRunner:
         """Limit each run: total tokens, cost in USD, wall-clock milliseconds (``None``: no limit).
 
-        Replaces the whole budget. *unpriced* (``"warn"`` or ``"fail"``) keeps the current
-        budget's policy when not given.
+        Replaces the whole budget. *unpriced* (``"warn"`` or ``"fail"``) and *warn_at_pct* (the
+        early-warning share, see :class:`~stroma.cost.ExecutionBudget`) keep the current
+        budget's values when not given.
         """
         policy = unpriced if unpriced is not None else self.config.budget.unpriced
+        warn = warn_at_pct if warn_at_pct is not None else self.config.budget.warn_at_pct
         budget = ExecutionBudget(
             max_tokens_total=tokens,
             max_cost_usd=cost_usd,
             max_latency_ms=latency_ms,
             unpriced=policy,
+            warn_at_pct=warn,
         )
         return self._update(budget=budget)
 
@@ -306,18 +314,24 @@ class StromaRunner:
 
         Raises, before any step runs: :class:`~stroma.errors.ConfigurationError` for a node
         without id or contract, a duplicate step id, or per-step settings naming unknown steps
-        (the message lists the known ids); :class:`~stroma.errors.PipelineChangedError` when the
-        run id was checkpointed by a different pipeline. Raises
+        (the message lists the known ids), or a step whose required input field the step before
+        it never outputs (the message names both steps and the field; see
+        :meth:`~stroma._pipeline.Plan.check_feeds`); :class:`~stroma.errors.PipelineChangedError` when the
+        run id was checkpointed by a different pipeline;
+        :class:`~stroma.errors.RunInputChangedError` when an unfinished run id is given a
+        different initial state than it started with. Raises
         :class:`~stroma.errors.CheckpointError` when the checkpoint store fails (fail closed);
         cancellation propagates, with every span ended.
         """
         plan = self._plans.plan(nodes, self.registry)
         config, explicit = self._config_for_run(run_id)
         config.check_step_ids(plan.step_ids)
+        plan.check_feeds(_stage_index(plan, config.resume_from) if config.resume_from is not None else 0)
         manager = self.checkpoint_manager if plan.stages else None
+        fingerprint = input_fingerprint(initial_state) if manager is not None else None
         point: ResumePoint | None = None
         if manager is not None and (explicit or config.resume_from is not None):
-            found = await find_resume_point(manager, config.run_id, plan, config.resume_from)
+            found = await find_resume_point(manager, config.run_id, plan, config.resume_from, fingerprint)
             if isinstance(found, ExecutionResult):
                 return found
             point = found
@@ -327,27 +341,33 @@ class StromaRunner:
         links = point.links if point is not None else None
         resumed_from = point.resumed_from(plan) if point is not None else None
         with ctx.as_run(links=links or None, resumed_from=resumed_from):
-            writer = ManifestWriter(manager, plan, ctx, point.manifest if point else None) if manager else None
-            if writer is not None:
-                await writer.save()
-            progress = _Progress(initial_state)
-            deadline = config.run_timeout_ms
             try:
-                if deadline is None:
-                    result = await self._drive(plan, ctx, point, progress, writer)
-                else:
-                    result = await _within(self._drive(plan, ctx, point, progress, writer), ctx, deadline)
-            except _DeadlinePassed:
-                result = ctx.build_result(
-                    RunStatus.PARTIAL,
-                    progress.state,
-                    error=f"run deadline of {deadline} ms passed",
-                    failed_step=progress.step_id,
-                )
-            if writer is not None:
-                status = result.status
-                await writer.save(status.otel_value, result if status in _FINISHED else None)
-            return result
+                prior = point.manifest if point else None
+                writer = ManifestWriter(manager, plan, ctx, prior, fingerprint) if manager else None
+                if writer is not None:
+                    await writer.save()
+                progress = _Progress(initial_state)
+                deadline = config.run_timeout_ms
+                try:
+                    if deadline is None:
+                        result = await self._drive(plan, ctx, point, progress, writer)
+                    else:
+                        result = await _within(self._drive(plan, ctx, point, progress, writer), ctx, deadline)
+                except _DeadlinePassed:
+                    result = ctx.build_result(
+                        RunStatus.PARTIAL,
+                        progress.state,
+                        error=f"run deadline of {deadline} ms passed",
+                        failed_step=progress.step_id,
+                    )
+                if writer is not None:
+                    status = result.status
+                    await writer.save(status.otel_value, result if status in _FINISHED else None)
+                return result
+            except BaseException as exc:
+                if not isinstance(exc, Exception):  # Ctrl-C, cancellation, interpreter exit
+                    _record_interrupted(ctx, exc)
+                raise
 
     def run_sync(self, nodes: Sequence[Any], initial_state: Any, *, run_id: str | None = None) -> ExecutionResult:
         """:meth:`run` for scripts: runs it on a new event loop (``asyncio.run``).
@@ -444,6 +464,37 @@ class StromaRunner:
 
 
 _FINISHED = frozenset({RunStatus.COMPLETED, RunStatus.RESUMED})
+
+
+INTERRUPTED: Final = "interrupted"
+"""The run-store status of a run ended by ``KeyboardInterrupt``, cancellation or exit."""
+
+
+def _record_interrupted(ctx: ReliabilityContext, exc: BaseException) -> None:
+    """Hand an interrupted run to the run sinks (the local run store) before it propagates.
+
+    A run ended by Ctrl-C never builds a result, so without this it vanished from ``stroma
+    runs`` (issue 8 B9). The record carries the steps that finished; the run's manifest is left
+    as it was, so running the run id again resumes it. Never raises (a sink failure is the
+    sinks' to log); the run span itself is ended by ``as_run`` as before.
+    """
+    if ctx.finished or not sinks.has_run_sinks():
+        return  # a run that built its result was recorded with its own status
+    run_records = (ctx.run_record,) if ctx.run_record is not None else ()
+    sinks.emit(  # never raises: a failing sink is logged once by sinks
+        sinks.FinishedRun(
+            run_id=ctx.run_id,
+            workflow_name=ctx.workflow_name,
+            status=INTERRUPTED,
+            total_cost_usd=ctx.total_cost,
+            input_tokens=ctx.input_tokens,
+            output_tokens=ctx.output_tokens,
+            error=f"interrupted ({type(exc).__name__})",
+            records=(*run_records, *ctx.records),
+            budget=ctx.budget.model_dump(),
+        )
+    )
+    ctx.records.clear()
 
 
 def _stop(ctx: ReliabilityContext, outcome: ExecutionResult) -> ExecutionResult:

@@ -5,6 +5,8 @@ sink (:mod:`stroma.telemetry.sinks`): every run that finishes in the process is 
 row holding the run's summary (id, workflow, status, start, duration, cost, tokens, trace id,
 budget) and its span records (:meth:`SpanRecord.to_dict`, plus the index of each record's
 parent, so the tree can be rebuilt even when telemetry is off and records have no span ids).
+A run of :class:`~stroma.runner.StromaRunner` ended by Ctrl-C (``KeyboardInterrupt``) or
+cancellation is written too, with status ``"interrupted"`` and the steps it finished.
 
 For library users it is opt-in: call :func:`enable_local_store`, or set ``STROMA_RUN_STORE``
 (merely setting it enables the store, see :func:`enable_from_env`). ``stroma demo`` always
@@ -38,7 +40,8 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -139,7 +142,8 @@ class RunSummary:
     ``started_at`` is timezone-aware UTC; ``duration_s`` in seconds; ``cost_usd`` in USD.
     ``details`` holds the rest: ``budget`` (the run's limits), ``steps``, ``attempts``,
     ``retries``, ``fallbacks``, ``breaches`` (dimensions), ``utilization`` (cost usage / limit),
-    ``records_dropped``.
+    ``records_dropped``; for a run with status ``"interrupted"`` (ended by Ctrl-C or
+    cancellation) also ``finished_steps``, the ids of the steps that completed before it.
     """
 
     seq: int
@@ -243,7 +247,24 @@ def _summarise(run: sinks.FinishedRun, records: list[dict[str, Any]]) -> tuple[i
         "breaches": breaches,
         "utilization": utilization,
     }
+    if run.status == "interrupted":
+        # Ctrl-C or cancellation: which steps completed before it (resuming the run id skips them).
+        details["finished_steps"] = [
+            str(r["attributes"].get(n.STEP_ID, r["name"]))
+            for r in steps
+            if r.get("end_ns") is not None and r.get("error_type") is None
+        ]
     return started_ns, duration_s, trace_id, details
+
+
+def _close_interrupted(records: list[dict[str, Any]]) -> None:
+    """An interrupted run is stored before its run span ends: end the stored copy of the run
+    record now (its duration is then the run's), marked interrupted."""
+    now = time.time_ns()
+    for record in records:
+        if record["kind"] == n.SPAN_RUN and record.get("end_ns") is None:
+            record["end_ns"] = now
+            record["attributes"][n.RUN_STATUS] = "interrupted"
 
 
 def _summary_from_row(row: Sequence[Any]) -> RunSummary:
@@ -276,8 +297,9 @@ class LocalRunStore:
     """Finished runs in one SQLite file, newest ``max_runs`` kept.
 
     Call the store with a :class:`~stroma.telemetry.sinks.FinishedRun` (that makes it a run
-    sink) or use :func:`enable_local_store`. Thread-safe: one connection per process, opened on
-    first use and shared under a lock; several processes may share the file.
+    sink) or use :func:`enable_local_store`. Thread-safe: each operation opens its own
+    connection and closes it before returning (nothing stays open between runs, nothing is
+    inherited over ``fork``); several processes may share the file.
 
     Raises :class:`~stroma.errors.ConfigurationError` for ``max_runs < 1`` or an empty path.
     Reading methods raise :class:`RunLookupError` (:meth:`get_run`) or ``sqlite3.Error`` /
@@ -296,8 +318,7 @@ class LocalRunStore:
             raise ConfigurationError(f"the run store path {self.path} is a directory; give a file path")
         self.max_runs = resolved_max
         self._lock = threading.Lock()
-        self._connection: sqlite3.Connection | None = None
-        self._pid = 0
+        self._ready_pid = 0
         self._write_failed = False
         self.dropped = 0
         """Runs that could not be written (each failure after the first is not logged)."""
@@ -309,14 +330,19 @@ class LocalRunStore:
 
     # --- connection ------------------------------------------------------------------------
 
-    def _connect(self, *, create: bool) -> sqlite3.Connection | None:
-        """The process's connection; ``None`` when *create* is false and there is no file yet."""
-        if self._connection is not None and self._pid == os.getpid():
-            return self._connection
-        # A connection inherited over fork() must not be used by the child.
-        self._connection = None
+    @contextmanager
+    def _connect(self, *, create: bool) -> Iterator[sqlite3.Connection | None]:
+        """A connection for one operation, closed when the block ends (``None`` when *create* is
+        false and there is no file yet).
+
+        Each read or write opens its own connection and closes it: a connection cached on the
+        store outlived it and was reported as an unclosed ``ResourceWarning`` on Python 3.13
+        (and under ``-X dev``); a run store is written once per run, so opening costs little.
+        The layout is created once per process.
+        """
         if not create and not self.path.exists():
-            return None
+            yield None
+            return
         if create:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             if not self.path.exists():
@@ -330,35 +356,34 @@ class LocalRunStore:
         except sqlite3.Error as exc:
             raise RunStoreError(f"cannot open the run store {self.path}: {exc}") from exc
         try:
-            connection.execute("PRAGMA journal_mode=WAL")
+            if self._ready_pid != os.getpid():
+                self._prepare(connection)
+                self._ready_pid = os.getpid()
             connection.execute("PRAGMA synchronous=NORMAL")
+            yield connection
+        finally:
+            connection.close()
+
+    def _prepare(self, connection: sqlite3.Connection) -> None:
+        """Create the layout (once per process) and refuse a newer one."""
+        try:
+            connection.execute("PRAGMA journal_mode=WAL")
             for statement in _CREATE:
                 connection.execute(statement)
             connection.execute(
                 "INSERT OR IGNORE INTO stroma_meta (key, value) VALUES ('layout', ?)", (str(_LAYOUT_VERSION),)
             )
             row = connection.execute("SELECT value FROM stroma_meta WHERE key = 'layout'").fetchone()
-            if row is not None and int(row[0]) > _LAYOUT_VERSION:
-                raise ConfigurationError(
-                    f"the run store {self.path} was written by a newer Stroma (layout {row[0]}); "
-                    f"upgrade Stroma or point {ENV_PATH} at another file"
-                )
         except sqlite3.Error as exc:
-            connection.close()
             raise RunStoreError(f"cannot use the run store {self.path}: {exc}") from exc
-        except BaseException:
-            connection.close()
-            raise
-        self._connection = connection
-        self._pid = os.getpid()
-        return connection
+        if row is not None and int(row[0]) > _LAYOUT_VERSION:
+            raise ConfigurationError(
+                f"the run store {self.path} was written by a newer Stroma (layout {row[0]}); "
+                f"upgrade Stroma or point {ENV_PATH} at another file"
+            )
 
     def close(self) -> None:
-        """Close the connection (it is reopened on next use)."""
-        with self._lock:
-            if self._connection is not None and self._pid == os.getpid():
-                self._connection.close()
-            self._connection = None
+        """Kept for compatibility: the store holds no open connection between operations."""
 
     # --- writing -----------------------------------------------------------------------------
 
@@ -388,6 +413,8 @@ class LocalRunStore:
             for record in kept:
                 if record["parent"] is not None and record["parent"] >= MAX_RECORDS_PER_RUN:
                     record["parent"] = None
+        if run.status == "interrupted":
+            _close_interrupted(kept)
         started_ns, duration_s, trace_id, details = _summarise(run, kept)
         details["records_dropped"] = len(all_records) - len(kept)
         row = (
@@ -404,8 +431,7 @@ class LocalRunStore:
             json.dumps(details, default=str),
             json.dumps(kept, default=str, separators=(",", ":")),
         )
-        with self._lock:
-            connection = self._connect(create=True)
+        with self._lock, self._connect(create=True) as connection:
             assert connection is not None
             connection.execute("BEGIN IMMEDIATE")
             try:
@@ -430,8 +456,7 @@ class LocalRunStore:
         """The newest *limit* runs, newest first (``[]`` when the store does not exist yet)."""
         if limit < 1:
             raise ConfigurationError(f"limit must be >= 1, got {limit!r}")
-        with self._lock:
-            connection = self._connect(create=False)
+        with self._lock, self._connect(create=False) as connection:
             if connection is None:
                 return []
             rows = connection.execute(
@@ -441,8 +466,7 @@ class LocalRunStore:
 
     def count(self) -> int:
         """How many runs are stored."""
-        with self._lock:
-            connection = self._connect(create=False)
+        with self._lock, self._connect(create=False) as connection:
             if connection is None:
                 return 0
             row = connection.execute("SELECT COUNT(*) FROM stroma_runs").fetchone()
@@ -458,8 +482,7 @@ class LocalRunStore:
         ref = ref.strip()
         if not ref:
             raise RunLookupError("a run id (or a unique prefix of one) is required")
-        with self._lock:
-            connection = self._connect(create=False)
+        with self._lock, self._connect(create=False) as connection:
             if connection is None:
                 raise RunLookupError(f"no run {ref!r}: the run store {self.path} is empty")
             row = connection.execute(

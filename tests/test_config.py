@@ -101,7 +101,7 @@ def test_a_fallback_that_can_never_trigger_warns_once() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         config.warn_risky()  # already reported for this configuration
-        RunConfig(model_fallbacks=[FallbackPolicy("a", "b", on_failure=[FailureClass.RECOVERABLE])])
+        RunConfig(model_fallbacks=[FallbackPolicy("gpt-4o", "gpt-4o-mini", on_failure=[FailureClass.RECOVERABLE])])
 
 
 def test_replace_validates_and_keeps_only_what_the_caller_set() -> None:

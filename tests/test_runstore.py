@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
 import sqlite3
 import stat
+import subprocess
+import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -278,8 +282,12 @@ async def test_a_store_that_cannot_write_never_fails_the_run(
 def test_a_newer_layout_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "runs.sqlite3"
     LocalRunStore(path)(_finished("x", ()))
-    with sqlite3.connect(path) as connection:
-        connection.execute("UPDATE stroma_meta SET value = '99' WHERE key = 'layout'")
+    connection = sqlite3.connect(path)
+    try:
+        with connection:
+            connection.execute("UPDATE stroma_meta SET value = '99' WHERE key = 'layout'")
+    finally:
+        connection.close()
     with pytest.raises(ConfigurationError, match="newer Stroma"):
         LocalRunStore(path).list_runs()
 
@@ -299,3 +307,55 @@ async def test_setting_the_environment_variable_alone_keeps_runs(
     monkeypatch.setenv("STROMA_RUN_STORE", str(path))
     await _run(capture.settings, run_id="env-run")
     assert LocalRunStore(path).get_run("env-run").summary.status == "completed"
+
+
+def _open_fds(path: Path) -> list[str]:
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(str(path)):
+            found.append(target)
+    return found
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+def test_no_connection_stays_open_between_operations(tmp_path: Path) -> None:
+    """Issue 8 A2: a cached connection was never closed (ResourceWarning on 3.13 and -X dev)."""
+    path = tmp_path / "runs.sqlite3"
+    store = LocalRunStore(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResourceWarning)
+        store(_finished("x", ()))
+        assert [s.run_id for s in store.list_runs()] == ["x"]
+        assert store.count() == 1
+        assert store.get_run("x").summary.run_id == "x"
+        assert _open_fds(path) == []
+        del store
+        gc.collect()
+
+
+def test_a_script_under_x_dev_prints_no_resource_warning(tmp_path: Path) -> None:
+    """Issue 8 A2: ``python -X dev`` showed ``ResourceWarning: unclosed database`` at exit (3.13)."""
+    script = tmp_path / "script.py"
+    script.write_text(
+        "from pydantic import BaseModel\n"
+        "from stroma.runner import StromaRunner\n"
+        "class V(BaseModel):\n"
+        "    v: int\n"
+        "runner = StromaRunner.quick()\n"
+        "@runner.node('one', input=V, output=V)\n"
+        "async def one(x: V) -> V:\n"
+        "    return V(v=x.v + 1)\n"
+        "print(runner.run_sync([one], V(v=1)).status.value)\n"
+    )
+    env = {**os.environ, runstore.ENV_PATH: str(tmp_path / "runs.sqlite3")}
+    env.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
+    done = subprocess.run(
+        [sys.executable, "-X", "dev", str(script)], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "COMPLETED", done.stderr
+    assert "ResourceWarning" not in done.stderr
+    assert LocalRunStore(tmp_path / "runs.sqlite3").count() == 1

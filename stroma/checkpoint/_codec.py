@@ -13,8 +13,15 @@ Rules (design §3 item 9, reliability scenario 15):
 
 - The checksum is SHA-256 over the canonical JSON of every other field (sorted keys, no spaces,
   UTF-8), so a flipped byte, a truncated write, an edited payload or a checkpoint copied from
-  another run or step is detected. It is an integrity check, not a signature: someone who can write
-  to the store can also recompute it. What such a writer can achieve is bounded by the next rule.
+  another run or step is detected. Without a key it is an integrity check, not a signature:
+  someone who can write to the store can also recompute it (what such a writer can achieve is
+  bounded by the next rule).
+- With a secret in ``STROMA_CHECKPOINT_KEY`` the checksum is keyed: ``"hmac-sha256:…"``, an
+  HMAC-SHA256 of the same bytes, so an edited payload cannot be re-sealed without the key (tamper
+  evidence, not secrecy: payloads stay readable). While a key is set, unkeyed (``"sha256:"``)
+  envelopes are refused, because anyone could write one; without a key, keyed envelopes are
+  refused (they cannot be verified). Unkeyed checkpoints written before a key was set are read by
+  running without the key (or by clearing the run).
 - Loading never imports anything and never unpickles. The schema name is stored as plain text for
   error messages only; the payload is validated with the schema the *caller* passes. Without a
   schema a persistent store can only return a :class:`CheckpointData` (a generic model holding the
@@ -28,7 +35,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import hmac
 import json
+import os
 import time
 from collections.abc import Mapping
 from typing import Any, Final, TypeVar
@@ -44,6 +53,8 @@ KIND_STEP: Final = "step"
 KIND_MANIFEST: Final = "manifest"
 
 _CHECKSUM_PREFIX: Final = "sha256:"
+_KEYED_PREFIX: Final = "hmac-sha256:"
+KEY_ENV: Final = "STROMA_CHECKPOINT_KEY"
 _ENVELOPE_FIELDS: Final = frozenset(
     {"format", "version", "kind", "run_id", "step_id", "saved_at", "schema", "payload", "checksum"}
 )
@@ -189,9 +200,21 @@ def _checksum(body: Mapping[str, Any]) -> str:
     return _CHECKSUM_PREFIX + hashlib.sha256(_canonical(body)).hexdigest()
 
 
+def checkpoint_key() -> bytes | None:
+    """The checkpoint signing key from ``STROMA_CHECKPOINT_KEY`` (UTF-8), or ``None`` when unset
+    or empty. Read on every call, so a key set while the process runs applies from then on."""
+    raw = os.environ.get(KEY_ENV)
+    return raw.encode("utf-8") if raw else None
+
+
+def _keyed_checksum(body: Mapping[str, Any], key: bytes) -> str:
+    return _KEYED_PREFIX + hmac.new(key, _canonical(body), hashlib.sha256).hexdigest()
+
+
 def _seal(body: dict[str, Any], run_id: str, step_id: str | None) -> str:
+    key = checkpoint_key()
     try:
-        checksum = _checksum(body)
+        checksum = _checksum(body) if key is None else _keyed_checksum(body, key)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(
             f"cannot write {record(run_id, step_id)}: the data is not representable "
@@ -311,11 +334,24 @@ def open_envelope(raw: str | bytes | bytearray, run_id: str, step_id: str | None
     if set(envelope) != _ENVELOPE_FIELDS:
         raise fail("has a malformed envelope (unexpected or missing fields)")
     stored_checksum = envelope.pop("checksum")
+    if not isinstance(stored_checksum, str):
+        raise fail("has no valid checksum")
+    key = checkpoint_key()
+    keyed = stored_checksum.startswith(_KEYED_PREFIX)
+    if key is not None and not keyed:
+        raise fail(
+            f"is not signed with the checkpoint key ({KEY_ENV} is set): it was written without a key, "
+            f"or edited and re-sealed; unset {KEY_ENV} to read checkpoints written before the key was set"
+        )
+    if key is None and keyed:
+        raise fail(f"is signed with a checkpoint key; set {KEY_ENV} to the key it was written with")
     try:
-        actual = _checksum(envelope)
+        actual = _checksum(envelope) if key is None else _keyed_checksum(envelope, key)
     except (TypeError, ValueError) as exc:  # e.g. lone surrogates from a str that was never UTF-8
         raise fail("cannot be re-encoded for verification (corrupt text)") from exc
-    if stored_checksum != actual:
+    if not hmac.compare_digest(stored_checksum.encode("utf-8", "replace"), actual.encode("ascii")):
+        if key is not None:
+            raise fail(f"fails its keyed checksum: the stored data was modified, or written with another {KEY_ENV}")
         raise fail("fails its checksum: the stored data was modified or corrupted")
     kind = KIND_MANIFEST if step_id is None else KIND_STEP
     if envelope["kind"] != kind:

@@ -80,8 +80,10 @@ class Stack:
         ports: fixed ports; ``None`` picks free ones (start retries once on a port clash).
         webhook_url: where Alertmanager posts notifications (:data:`DEFAULT_WEBHOOK_URL`).
             It must be known before start: Alertmanager reads it from its config file.
-        scrape_interval: Prometheus scrape and rule-evaluation interval in seconds; ``None``
-            keeps the value in ``prometheus.yml`` (5 s).
+        scrape_interval: Prometheus scrape and rule-evaluation interval in seconds, for every
+            job and every rule group without an ``interval:`` of its own; ``None`` keeps the
+            shipped values (``prometheus.yml``: Stroma's metrics scraped every 2 s, the rest
+            every 15 s; the budget rule group evaluated every 2 s).
         trace_sample_percent: share (0..100) of traces without error, breach, fallback or retry
             that the collector's tail sampler keeps.
         tail_decision_wait: seconds the tail sampler waits for a trace whose root span never
@@ -320,8 +322,9 @@ class Stack:
         }
         if self._scrape_interval is not None:
             interval = _duration(self._scrape_interval)
-            replacements["scrape_interval: 5s"] = f"scrape_interval: {interval}"
-            replacements["evaluation_interval: 5s"] = f"evaluation_interval: {interval}"
+            replacements["scrape_interval: 15s"] = f"scrape_interval: {interval}"
+            replacements["scrape_interval: 2s"] = f"scrape_interval: {interval}"
+            replacements["evaluation_interval: 15s"] = f"evaluation_interval: {interval}"
         text = _substitute(source.read_text(encoding="utf-8"), replacements, source)
         target.write_text(text, encoding="utf-8")
 

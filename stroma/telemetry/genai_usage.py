@@ -74,7 +74,8 @@ import genai_prices
 from opentelemetry import trace as trace_api
 from opentelemetry.trace import SpanKind
 
-from stroma.pricing import cost_usd, price_for
+# a module reference, not names: stroma.pricing imports stroma.telemetry while it initialises
+from stroma import pricing
 from stroma.telemetry import names as n
 from stroma.telemetry.records import SpanRecord
 
@@ -473,14 +474,14 @@ def price_call(
     cache-read and cache-write rates (the input rate where a model has none). Never raises.
     """
     if model is None:
-        return cost_usd(None, input_tokens, output_tokens)
+        return pricing.cost_usd(None, input_tokens, output_tokens)
     ref = _model_ref(model, provider)
     if not (cache_read_tokens or cache_write_tokens):
-        return cost_usd(ref, input_tokens, output_tokens)
+        return pricing.cost_usd(ref, input_tokens, output_tokens)
     try:
-        price = price_for(ref)
+        price = pricing.price_for(ref)
         if price is None:
-            return cost_usd(None, input_tokens, output_tokens)
+            return pricing.cost_usd(None, input_tokens, output_tokens)
         if price.source != "genai-prices" or price.model_id is None or price.provider_id is None:
             return price.cost(input_tokens, output_tokens), True
         rates = _cache_rates_for(price.model_id, price.provider_id)
@@ -498,7 +499,7 @@ def price_call(
         return base + read * rate_read + write * rate_write, True
     except Exception as exc:
         _fault("genai usage pricing", exc)
-        return cost_usd(ref, input_tokens, output_tokens)
+        return pricing.cost_usd(ref, input_tokens, output_tokens)
 
 
 def _cache_rates_for(model_id: str, provider_id: str) -> tuple[float, float] | None:

@@ -74,6 +74,8 @@ BUDGET_DURATION_USAGE: Final = "stroma.budget.duration.usage"
 BUDGET_DIMENSION: Final = "stroma.budget.dimension"
 BUDGET_LIMIT: Final = "stroma.budget.limit"
 BUDGET_USAGE: Final = "stroma.budget.usage"
+BUDGET_UTILIZATION: Final = "stroma.budget.utilization"  # usage / limit, on stroma.budget.warning
+BUDGET_WARN_AT_PCT: Final = "stroma.budget.warn_at_pct"  # the threshold that was crossed
 
 CHECKPOINT_STORE: Final = "stroma.checkpoint.store"
 
@@ -92,6 +94,8 @@ CONTRACT_DIRECTION: Final = "stroma.contract.direction"
 
 # --- span events -----------------------------------------------------------------------------
 EVENT_BUDGET_EXCEEDED: Final = "stroma.budget.exceeded"
+# The first time in a run that a budget dimension's use reaches ExecutionBudget.warn_at_pct.
+EVENT_BUDGET_WARNING: Final = "stroma.budget.warning"
 EVENT_FALLBACK: Final = "stroma.fallback"
 EVENT_CONTRACT_VIOLATION: Final = "stroma.contract.violation"
 EVENT_CHECKPOINT_SAVED: Final = "stroma.checkpoint.saved"
@@ -113,12 +117,16 @@ METRIC_STEP_DURATION: Final = "stroma.step.duration"  # histogram, s; workflow, 
 METRIC_STEP_RETRIES: Final = "stroma.step.retries"  # counter, {retry}; workflow, step, failure class, error.type
 METRIC_FALLBACKS: Final = "stroma.fallbacks"  # counter, {fallback}; workflow, step, reason, from, to
 METRIC_BUDGET_BREACHES: Final = "stroma.budget.breaches"  # counter, {breach}; workflow, step, dimension
+METRIC_BUDGET_WARNINGS: Final = "stroma.budget.warnings"  # counter, {warning}; workflow, step, dimension
 METRIC_BUDGET_UTILIZATION: Final = "stroma.budget.cost.utilization"  # histogram, 1; workflow
 METRIC_UNPRICED: Final = "stroma.cost.unpriced"  # counter, {attempt}; workflow, step, model
 METRIC_CONTRACT_VIOLATIONS: Final = "stroma.contract.violations"  # counter; workflow, step, direction
 METRIC_RUN_DURATION: Final = "stroma.run.duration"  # histogram, s; workflow, status
 METRIC_RUNS: Final = "stroma.runs"  # counter, {run}; workflow, status
 METRIC_TELEMETRY_ERRORS: Final = "stroma.telemetry.errors"  # counter; component
+METRIC_TELEMETRY_LOST: Final = "stroma.telemetry.lost"  # counter; signal, reason (private providers)
+TELEMETRY_SIGNAL: Final = "stroma.telemetry.signal"  # label of stroma.telemetry.lost: spans / metrics
+TELEMETRY_REASON: Final = "stroma.telemetry.reason"  # queue_full / export_failed / exit_timeout
 
 UTILIZATION_BUCKETS: Final = (0.25, 0.5, 0.8, 0.9, 1.0, 1.25, 2.0)
 DURATION_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -132,8 +140,10 @@ PROM_STEP_DURATION_BUCKET: Final = "stroma_step_duration_seconds_bucket"
 PROM_STEP_RETRIES: Final = "stroma_step_retries_total"
 PROM_FALLBACKS: Final = "stroma_fallbacks_total"
 PROM_BUDGET_BREACHES: Final = "stroma_budget_breaches_total"
+PROM_BUDGET_WARNINGS: Final = "stroma_budget_warnings_total"
 PROM_BUDGET_UTILIZATION_BUCKET: Final = "stroma_budget_cost_utilization_bucket"
 PROM_UNPRICED: Final = "stroma_cost_unpriced_total"
 PROM_CONTRACT_VIOLATIONS: Final = "stroma_contract_violations_total"
 PROM_RUN_DURATION_BUCKET: Final = "stroma_run_duration_seconds_bucket"
 PROM_RUNS: Final = "stroma_runs_total"
+PROM_TELEMETRY_LOST: Final = "stroma_telemetry_lost_total"

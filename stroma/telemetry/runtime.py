@@ -24,9 +24,13 @@ from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 from opentelemetry.trace import set_span_in_context as _set_span_in_context
 
 from stroma._version import __version__
+from stroma.errors import exception_types
 from stroma.telemetry import genai_usage
 from stroma.telemetry import names as n
-from stroma.telemetry.providers import resolve_providers
+from stroma.telemetry._bounds import LabelValues
+from stroma.telemetry._prompt import configure as _configure_prompt_export
+from stroma.telemetry._prompt import export_soon as _export_soon
+from stroma.telemetry.providers import lost, resolve_providers
 from stroma.telemetry.records import SpanRecord
 from stroma.telemetry.settings import TelemetrySettings
 
@@ -50,16 +54,17 @@ class _FaultLog:
             first = component not in self._seen
             self._seen.add(component)
         if first:
+            # types only, no traceback: a redactor's or serialiser's exception can quote the content
             logger.warning(
                 "stroma telemetry: %s failed (%s); the run continues, later faults of this kind are "
                 "counted in stroma.telemetry.errors but not logged",
                 component,
-                type(exc).__name__,
-                exc_info=exc,
+                exception_types(exc),
             )
 
 
 faults = _FaultLog()
+_configure_prompt_export(faults.report)
 genai_usage.fault_reporter = faults.report
 
 
@@ -76,13 +81,18 @@ class Telemetry:
         self.max_content_chars = settings.resolved_max_content_chars()
         self.redactor = settings.redactor
         self._metric_keys: dict[tuple[str, ...], dict[str, str]] = {}
+        # model names and error types come from user code: bounded in length and in distinct
+        # values per label (past the bound: "_other"), see stroma.telemetry._bounds
+        self.label_values = LabelValues()
         self.tracer: Any = None
         self.providers: tuple[int, ...] = ()
+        self._flushable: tuple[Any, Any] = (None, None)
         self.usage_source = settings.resolved_usage_source()
         if not self.enabled:
             return
         tracer_provider, meter_provider = resolve_providers(settings.tracer_provider, settings.meter_provider)
         self.providers = (id(tracer_provider), id(meter_provider))
+        self._flushable = (tracer_provider, meter_provider)
         # model-call spans below an attempt are charged to it (issue 10)
         genai_usage.attach(tracer_provider)
         self.tracer = tracer_provider.get_tracer("stroma", __version__)
@@ -119,6 +129,22 @@ class Telemetry:
             unit="{error}",
             description="Faults inside Stroma's telemetry that were ignored",
         )
+        meter.create_observable_counter(
+            n.METRIC_TELEMETRY_LOST,
+            callbacks=[self._observe_lost],
+            unit="{item}",
+            description="Spans (one by one) and metric exports that never reached the collector, by reason",
+        )
+
+    @staticmethod
+    def _observe_lost(_options: Any) -> list[Any]:
+        from opentelemetry.metrics import Observation
+
+        # Every (signal, reason) pair is reported, zeros included: "nothing lost" is a value.
+        return [
+            Observation(count, {n.TELEMETRY_SIGNAL: signal, n.TELEMETRY_REASON: reason})
+            for (signal, reason), count in lost.counts.items()
+        ]
 
     @staticmethod
     def _observe_faults(_options: Any) -> list[Any]:
@@ -238,7 +264,14 @@ class Telemetry:
         if not self.enabled:
             return
         try:
-            key = (n.WORKFLOW, workflow, n.STEP_ID, step_id, n.MODEL, model or "unknown")
+            key = (
+                n.WORKFLOW,
+                workflow,
+                n.STEP_ID,
+                step_id,
+                n.MODEL,
+                self.label_values.admit(n.MODEL, model or "unknown"),
+            )
             sums = self.sums
             sums.add(n.METRIC_COST, key, cost)
             sums.add(n.METRIC_INPUT_TOKENS, key, input_tokens)
@@ -271,7 +304,7 @@ class Telemetry:
                         n.FAILURE_CLASS,
                         failure_class,
                         n.ERROR_TYPE,
-                        error_type,
+                        self.label_values.admit(n.ERROR_TYPE, error_type),
                     ),
                     1,
                 )
@@ -281,10 +314,31 @@ class Telemetry:
                     metric, keys = counted
                     labels: tuple[str, ...] = (n.WORKFLOW, workflow, n.STEP_ID, step_id)
                     for key in keys:
-                        labels += (key, str(attrs.get(key, "")))
+                        labels += (key, self.label_values.admit(key, str(attrs.get(key, ""))))
                     sums.add(metric, labels, 1)
+                    if name == n.EVENT_BUDGET_EXCEEDED:
+                        self.export_soon()
         except Exception as exc:
             faults.report("metrics", exc)
+
+    def record_budget_warning(self, workflow: str, step_id: str, dimension: str) -> None:
+        """Count one ``stroma.budget.warning`` (at the attempt that crossed the threshold) and
+        export soon, so that the warning alert does not wait for the next scheduled export."""
+        if not self.enabled:
+            return
+        try:
+            self.sums.add(
+                n.METRIC_BUDGET_WARNINGS, (n.WORKFLOW, workflow, n.STEP_ID, step_id, n.BUDGET_DIMENSION, dimension), 1
+            )
+            self.export_soon()
+        except Exception as exc:
+            faults.report("metrics", exc)
+
+    def export_soon(self) -> None:
+        """Ask for an early export of this telemetry's providers (:mod:`stroma.telemetry._prompt`):
+        non-blocking, coalesced with other requests, never raises."""
+        tracer_provider, meter_provider = self._flushable
+        _export_soon(tracer_provider, meter_provider)
 
     def record_run(self, workflow: str, run: SpanRecord, status: str, utilization: float | None) -> None:
         """Metrics of a finished run: count, duration and cost budget utilization."""
@@ -317,6 +371,7 @@ _COUNTERS = (
     (n.METRIC_STEP_RETRIES, "{retry}", "Step retries, by the failure that caused them"),
     (n.METRIC_FALLBACKS, "{fallback}", "Model fallbacks"),
     (n.METRIC_BUDGET_BREACHES, "{breach}", "Budget breaches"),
+    (n.METRIC_BUDGET_WARNINGS, "{warning}", "Runs whose use of a budget dimension reached its warning threshold"),
     (n.METRIC_CONTRACT_VIOLATIONS, "{violation}", "Contract violations"),
     (n.METRIC_RUNS, "{run}", "Finished runs"),
 )

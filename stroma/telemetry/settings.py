@@ -57,8 +57,9 @@ def env_flag(name: str, default: bool) -> bool:
 class TelemetrySettings:
     """Immutable telemetry settings; ``None`` means "take the environment or the default".
 
-    Raises :class:`~stroma.errors.ConfigurationError` when ``max_content_chars`` is not
-    positive.
+    Raises :class:`~stroma.errors.ConfigurationError` naming the setting, at construction,
+    when ``max_content_chars`` is not a positive ``int`` (``"10"`` and ``True`` are refused),
+    ``enabled`` or ``capture_content`` is not a ``bool``, or ``redactor`` is not callable.
     """
 
     enabled: bool | None = None
@@ -70,8 +71,20 @@ class TelemetrySettings:
     usage_source: str | None = None
 
     def __post_init__(self) -> None:
-        if self.max_content_chars is not None and self.max_content_chars <= 0:
-            raise ConfigurationError(f"TelemetrySettings.max_content_chars must be > 0, got {self.max_content_chars}")
+        chars = self.max_content_chars
+        if chars is not None and (isinstance(chars, bool) or not isinstance(chars, int) or chars <= 0):
+            raise ConfigurationError(
+                f"TelemetrySettings.max_content_chars must be a positive integer (characters) or None, got {chars!r}"
+            )
+        for name in ("enabled", "capture_content"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, bool):
+                raise ConfigurationError(f"TelemetrySettings.{name} must be True, False or None, got {value!r}")
+        if self.redactor is not None and not callable(self.redactor):
+            raise ConfigurationError(
+                "TelemetrySettings.redactor must be a function (str) -> str or None, "
+                f"got {type(self.redactor).__name__}"
+            )
         if self.usage_source is not None and self.usage_source not in _USAGE_SOURCES:
             raise ConfigurationError(
                 f"TelemetrySettings.usage_source must be one of {', '.join(_USAGE_SOURCES)}, got {self.usage_source!r}"

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from stroma.errors import exception_types
 from stroma.telemetry.records import SpanRecord
 
 logger = logging.getLogger("stroma.telemetry")
@@ -68,7 +69,12 @@ def emit(run: FinishedRun) -> None:
     for sink in list(_sinks):
         try:
             sink(run)
-        except Exception:
+        except Exception as exc:
             if id(sink) not in _failed:
                 _failed.add(id(sink))
-                logger.warning("run sink %r failed; ignored from now on in the log", sink, exc_info=True)
+                # types only: the run handed to the sink holds step content (error messages)
+                logger.warning(
+                    "run sink %s failed (%s); ignored from now on in the log",
+                    type(sink).__qualname__,
+                    exception_types(exc),
+                )

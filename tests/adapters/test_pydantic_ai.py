@@ -146,7 +146,9 @@ async def test_pydantic_ai_fallback_model_is_one_step_and_stroma_fallback_is_ref
     assert len(result.trace) == 1  # Pydantic AI's fallback, inside one attempt
 
     both = new_ctx(
-        model_fallbacks=[FallbackPolicy(preferred_model="a", fallback_model="b", on_failure=["recoverable"])]
+        model_fallbacks=[
+            FallbackPolicy(preferred_model="gpt-4o", fallback_model="gpt-4o-mini", on_failure=["recoverable"])
+        ]
     )
     with pytest.raises(ConfigurationError, match="once"):
         await run_agent(agent, "hi", both, step_id="ask")

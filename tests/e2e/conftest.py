@@ -169,6 +169,8 @@ class AlertWebhook:
 
     def __init__(self) -> None:
         self.posts: list[dict[str, Any]] = []
+        #: wall-clock time (``time.time()``) each post arrived, parallel to :attr:`posts`
+        self.received_at: list[float] = []
         self._lock = threading.Lock()
         webhook = self
 
@@ -182,6 +184,7 @@ class AlertWebhook:
                     body = {"unparsable": raw.decode("utf-8", "replace")}
                 with webhook._lock:
                     webhook.posts.append(body)
+                    webhook.received_at.append(time.time())
                 self.send_response(200)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
@@ -206,6 +209,11 @@ class AlertWebhook:
         """Every alert received so far, flattened over notifications, oldest first."""
         with self._lock:
             return [alert for post in self.posts for alert in post.get("alerts", [])]
+
+    def notifications(self) -> list[tuple[float, dict[str, Any]]]:
+        """``(arrival time, notification)`` for every post so far, oldest first."""
+        with self._lock:
+            return list(zip(self.received_at, self.posts))
 
     def wait_for_alert(
         self, match: Callable[[dict[str, Any]], bool], timeout: float = PIPELINE_TIMEOUT

@@ -104,9 +104,21 @@ def build(runner: StromaRunner, ledger: str, kill_at: str) -> list[Any]:
         effect("pack", context["run_id"])
         return {"parcel": f"box-{charged.charge_id}"}, 300, 60, "gpt-4o-mini"
 
+    async def pack_recorded(run_id: str) -> None:
+        """Wait (at most 5 s) until the manifest holds pack's usage: the scenarios' totals assume
+        pack's checkpoint and the progress write after it come first. A fixed sleep lost that race
+        on a loaded machine (a durable write can take longer)."""
+        manager = runner.checkpoint_manager
+        assert manager is not None
+        for _ in range(500):
+            manifest = await manager.load_manifest(run_id)
+            if manifest is not None and "pack" in (manifest.get("usage") or {}):
+                return
+            await asyncio.sleep(0.01)
+
     @runner.node("invoice", input=Charged, output=Invoiced)
     async def invoice(charged: Charged, context: dict[str, Any]) -> Any:
-        await asyncio.sleep(0.01)  # pack's checkpoint is written first
+        await pack_recorded(context["run_id"])
         effect("invoice", context["run_id"])
         return {"invoice": f"inv-{charged.order_id}"}, 150, 40, "gpt-4o-mini"
 

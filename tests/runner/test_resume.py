@@ -115,7 +115,7 @@ async def test_a_finished_run_returns_its_stored_result_without_running(
     first = await runner.run(nodes, Doc(text="x y z"), run_id="done")
     capture.clear()
     started.clear()
-    again = await runner.run(nodes, Doc(text="something else"), run_id="done")
+    again = await runner.run(nodes, Doc(text="x y z"), run_id="done")  # same input (issue 8 B6)
     assert again.status is RunStatus.COMPLETED
     assert again.final_state == first.final_state and isinstance(again.final_state, Published)
     assert again.total_cost_usd == pytest.approx(first.total_cost_usd)

@@ -14,6 +14,7 @@ RULE_TESTS = RULES / "stroma.rules.test.yml"
 
 EXPECTED_ALERTS = {
     "StromaBudgetBreached",
+    "StromaBudgetWarning",
     "StromaBudgetUtilizationHigh",
     "StromaUnpricedUsage",
     "StromaCostBurnHigh",
@@ -59,12 +60,17 @@ def test_expected_alerts_exist_with_severity_and_annotations():
         assert rule["annotations"]["summary"] and rule["annotations"]["description"], name
 
 
-def test_breach_alert_fires_without_delay_and_names_workflow_and_dimension():
-    rule = next(r for r in _rules() if r.get("alert") == "StromaBudgetBreached")
+@pytest.mark.parametrize(
+    ("alert", "counter"),
+    [("StromaBudgetBreached", "stroma_budget_breaches_total"), ("StromaBudgetWarning", "stroma_budget_warnings_total")],
+)
+def test_budget_alerts_fire_without_delay_and_name_workflow_step_and_dimension(alert, counter):
+    rule = next(r for r in _rules() if r.get("alert") == alert)
     assert rule.get("for", "0s") in {"0s", "0m", 0}
-    assert "stroma_workflow_name" in rule["expr"] and "stroma_budget_dimension" in rule["expr"]
-    # the first-breach clause (a counter series is born at its first increment)
-    assert "unless stroma_budget_breaches_total" in " ".join(rule["expr"].split())
+    by = " ".join(rule["expr"].split())
+    assert "sum by (job, stroma_workflow_name, stroma_step_id, stroma_budget_dimension)" in by
+    # the first-event clause (a counter series is born at its first increment)
+    assert f"unless {counter}" in by
 
 
 def test_cost_burn_threshold_is_a_recording_rule():
