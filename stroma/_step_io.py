@@ -38,6 +38,9 @@ class AttemptUsage:
     input_tokens: int = 0
     output_tokens: int = 0
     model: str | None = None
+    # (USD, priced) already summed per model call, when the usage came from GenAI spans
+    # (stroma.telemetry.genai_usage); None: price the tokens above with the model above
+    cost: tuple[float, bool] | None = None
 
 
 @dataclass

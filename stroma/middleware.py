@@ -44,6 +44,7 @@ from stroma.contracts import ContractViolation, NodeContract
 from stroma.cost import BudgetExceeded
 from stroma.failures import FailureClass, NodeContext, classify, resolve_policy
 from stroma.pricing import cost_usd
+from stroma.telemetry import genai_usage
 from stroma.telemetry import names as n
 from stroma.telemetry._bounds import bound_text
 from stroma.telemetry.records import SpanRecord
@@ -380,9 +381,11 @@ def _finish_attempt(
     # The attempt ends now: pricing and bookkeeping below are not charged to its duration.
     duration_ms = int((time.perf_counter() - started) * 1000)
     ended_ns = time.time_ns()
+    if arecord.span_context is not None:
+        genai_usage.settle(ctx.telemetry.usage_source, arecord, usage)  # issue 10: model-call spans
     model = note_fallback(step, usage.model)
     in_tok, out_tok = usage.input_tokens, usage.output_tokens
-    cost, priced = cost_usd(model, in_tok, out_tok)
+    cost, priced = cost_usd(model, in_tok, out_tok) if usage.cost is None else usage.cost
     unpriced = not priced
     attrs = arecord.attributes
     if in_tok or out_tok or model is not None:

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from stroma.cli.tree import AttemptNode, BudgetView, RunTree, StepNode, as_number, build_tree
+from stroma.cli.tree import AttemptNode, BudgetView, ModelCallNode, RunTree, StepNode, as_number, build_tree
 from stroma.money import format_usd
 from stroma.telemetry import names as n
 
@@ -244,6 +244,22 @@ def _attempt_row(attempt: AttemptNode, style: Style, branch: str) -> _Row:
     )
 
 
+def _call_row(call: ModelCallNode, style: Style, branch: str) -> _Row:
+    notes = [("unpriced model", "warn")] if call.unpriced else []
+    if call.error_type is not None:
+        notes.append((call.error_type, "error"))
+    return _Row(
+        branch,
+        style.paint("·" if style.unicode else ".", "dim"),
+        "model call",
+        "",
+        call.model or "unknown model",
+        _tokens_text(call.input_tokens, call.output_tokens),
+        format_cost(call.cost_usd),
+        notes,
+    )
+
+
 def _rows(nodes: Sequence[StepNode | AttemptNode], style: Style, prefix: str = "") -> list[_Row]:
     """Rows of *nodes* (siblings) and, depth first, of their attempts and nested steps."""
     rows: list[_Row] = []
@@ -252,6 +268,10 @@ def _rows(nodes: Sequence[StepNode | AttemptNode], style: Style, prefix: str = "
         branch = prefix + (style.elbow if last else style.tee)
         if isinstance(node, AttemptNode):
             rows.append(_attempt_row(node, style, branch))
+            inner = prefix + (style.space if last else style.pipe)
+            for number, call in enumerate(node.calls):
+                call_branch = inner + (style.elbow if number == len(node.calls) - 1 else style.tee)
+                rows.append(_call_row(call, style, call_branch))
             continue
         rows.append(_step_row(node, style, branch))
         inner = prefix + (style.space if last else style.pipe)

@@ -22,10 +22,32 @@ from typing import Any
 
 from stroma.telemetry import names as n
 
-__all__ = ["AttemptNode", "BudgetView", "RunTree", "StepNode", "as_number", "build_tree"]
+__all__ = ["AttemptNode", "BudgetView", "ModelCallNode", "RunTree", "StepNode", "as_number", "build_tree"]
 
 
 # --- the model ---------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelCallNode:
+    """One model call counted for an attempt (a ``stroma.model_call`` event, from a GenAI span)."""
+
+    model: str | None
+    input_tokens: int
+    output_tokens: int
+    cost_usd: float
+    unpriced: bool = False
+    error_type: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "error_type": self.error_type,
+            "model": self.model,
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "cost_usd": self.cost_usd,
+            "unpriced": self.unpriced,
+        }
 
 
 @dataclass
@@ -44,9 +66,12 @@ class AttemptNode:
     failure_class: str | None = None
     retry_delay_s: float = 0.0
     contract: str | None = None
+    calls: list[ModelCallNode] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
+        extra = {"model_calls": [call.to_dict() for call in self.calls]} if self.calls else {}
         return {
+            **extra,
             "attempt": self.number,
             "status": "ok" if self.ok else "error",
             "duration_s": self.duration_s,
@@ -267,6 +292,19 @@ def _attempt(record: Mapping[str, Any]) -> AttemptNode:
         failure_class=attrs.get(n.FAILURE_CLASS),
         retry_delay_s=as_number(attrs.get(n.STEP_RETRY_DELAY)),
         contract=attrs.get(n.CONTRACT_OUTCOME),
+        calls=[_model_call(event) for event in _events(record, n.EVENT_MODEL_CALL)],
+    )
+
+
+def _model_call(attrs: Mapping[str, Any]) -> ModelCallNode:
+    model = attrs.get("gen_ai.response.model")
+    return ModelCallNode(
+        model=str(model) if model is not None else None,
+        input_tokens=_int(attrs.get("gen_ai.usage.input_tokens")),
+        output_tokens=_int(attrs.get("gen_ai.usage.output_tokens")),
+        cost_usd=as_number(attrs.get(n.COST_AMOUNT)),
+        unpriced=bool(attrs.get(n.COST_UNPRICED, False)),
+        error_type=str(attrs[n.ERROR_TYPE]) if n.ERROR_TYPE in attrs else None,
     )
 
 

@@ -100,6 +100,14 @@ EVENT_FALLBACK: Final = "stroma.fallback"
 EVENT_CONTRACT_VIOLATION: Final = "stroma.contract.violation"
 EVENT_CHECKPOINT_SAVED: Final = "stroma.checkpoint.saved"
 EVENT_CHECKPOINT_RESTORED: Final = "stroma.checkpoint.restored"
+# one model call (leaf GenAI inference span) counted for an attempt; see stroma.telemetry.genai_usage
+EVENT_MODEL_CALL: Final = "stroma.model_call"
+MODEL_CALL_SPAN_ID: Final = "stroma.model_call.span_id"
+MODEL_CALL_VENDOR_COST: Final = "stroma.model_call.vendor_cost"
+# where an attempt's charged usage came from, when it had model-call spans: "spans" or "explicit"
+USAGE_SOURCE: Final = "stroma.usage.source"
+USAGE_SOURCE_SPANS: Final = "spans"
+USAGE_SOURCE_EXPLICIT: Final = "explicit"
 
 # --- metric instruments (design §6): name, unit --------------------------------------------
 METRIC_COST: Final = "stroma.cost"  # counter, {USD}; workflow, step, model

@@ -25,6 +25,7 @@ from opentelemetry.trace import set_span_in_context as _set_span_in_context
 
 from stroma._version import __version__
 from stroma.errors import exception_types
+from stroma.telemetry import genai_usage
 from stroma.telemetry import names as n
 from stroma.telemetry._bounds import LabelValues
 from stroma.telemetry._prompt import configure as _configure_prompt_export
@@ -64,6 +65,7 @@ class _FaultLog:
 
 faults = _FaultLog()
 _configure_prompt_export(faults.report)
+genai_usage.fault_reporter = faults.report
 
 
 class Telemetry:
@@ -85,11 +87,14 @@ class Telemetry:
         self.tracer: Any = None
         self.providers: tuple[int, ...] = ()
         self._flushable: tuple[Any, Any] = (None, None)
+        self.usage_source = settings.resolved_usage_source()
         if not self.enabled:
             return
         tracer_provider, meter_provider = resolve_providers(settings.tracer_provider, settings.meter_provider)
         self.providers = (id(tracer_provider), id(meter_provider))
         self._flushable = (tracer_provider, meter_provider)
+        # model-call spans below an attempt are charged to it (issue 10)
+        genai_usage.attach(tracer_provider)
         self.tracer = tracer_provider.get_tracer("stroma", __version__)
         meter = meter_provider.get_meter("stroma", __version__)
         # Counters are summed here, in-process, and reported as cumulative observable counters
@@ -168,6 +173,8 @@ class Telemetry:
             span_context = span.get_span_context()
             if span_context.is_valid:
                 record.span_context = span_context
+                if record.kind == n.SPAN_ATTEMPT:
+                    genai_usage.track(record)
         except Exception as exc:
             faults.report("span start", exc)
 

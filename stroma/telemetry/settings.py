@@ -20,6 +20,10 @@ setting (argument / environment variable)           default
 ``OTEL_EXPORTER_OTLP_PROTOCOL`` (and per signal)    ``http/protobuf`` (or ``grpc``)
 ``OTEL_SERVICE_NAME``                               ``stroma``
 ``OTEL_METRIC_EXPORT_INTERVAL``                     60000 ms
+``usage_source`` / ``STROMA_USAGE_SOURCE``          ``auto``: usage a step reports wins for its
+                                                    attempt, else the usage of its GenAI
+                                                    model-call spans (``explicit``: never spans;
+                                                    ``spans``: spans win when there are any)
 ==================================================  =========================================
 """
 
@@ -38,6 +42,7 @@ Redactor = Callable[[str], str]
 """Receives the JSON text of a captured input or output and returns what may be exported."""
 
 _TRUE = {"1", "true", "yes", "on"}
+_USAGE_SOURCES = ("auto", "explicit", "spans")
 
 
 def env_flag(name: str, default: bool) -> bool:
@@ -63,6 +68,7 @@ class TelemetrySettings:
     redactor: Redactor | None = None
     tracer_provider: TracerProvider | None = None
     meter_provider: MeterProvider | None = None
+    usage_source: str | None = None
 
     def __post_init__(self) -> None:
         chars = self.max_content_chars
@@ -79,6 +85,21 @@ class TelemetrySettings:
                 "TelemetrySettings.redactor must be a function (str) -> str or None, "
                 f"got {type(self.redactor).__name__}"
             )
+        if self.usage_source is not None and self.usage_source not in _USAGE_SOURCES:
+            raise ConfigurationError(
+                f"TelemetrySettings.usage_source must be one of {', '.join(_USAGE_SOURCES)}, got {self.usage_source!r}"
+            )
+
+    def resolved_usage_source(self) -> str:
+        """Where attempts take their usage from (see :mod:`stroma.telemetry.genai_usage`)."""
+        if self.usage_source is not None:
+            return self.usage_source
+        raw = os.environ.get("STROMA_USAGE_SOURCE", "").strip().lower()
+        if not raw:
+            return "auto"
+        if raw not in _USAGE_SOURCES:
+            raise ConfigurationError(f"STROMA_USAGE_SOURCE must be one of {', '.join(_USAGE_SOURCES)}, got {raw!r}")
+        return raw
 
     def resolved_enabled(self) -> bool:
         if self.enabled is not None:

@@ -1,0 +1,115 @@
+"""OpenAI Agents SDK: an agent run as one Stroma step (issue 10, part 4). Needs ``openai-agents``.
+
+What a user writes::
+
+    result = await run_agent(agent, "Where is my refund?", ctx, step_id="support")
+
+or, inside a step of their own, ``await Runner.run(agent, prompt, hooks=StromaRunHooks(ctx, "support"))``.
+
+The SDK has its own tracing, not OpenTelemetry, so Stroma joins through its run hooks:
+
+* ``on_llm_start`` (before each model call): the run's budget with what this agent run used so
+  far; a call that would start at or past a cost or token limit is not made and the step ends
+  ``PARTIAL`` with the breach;
+* ``on_llm_end``: the response's usage is reported to the running attempt
+  (:func:`stroma.report_usage`) and priced with the agent's model name;
+* ``on_tool_start`` / ``on_tool_end``: a ``stroma.tool_call`` event on the attempt span (tool
+  name and whether it finished), so tool calls show in the trace.
+
+A run that raises is classified and retried by Stroma like any step; the usage of its model
+calls so far is charged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from agents import Agent, RunHooks, Runner
+from opentelemetry import trace as trace_api
+
+from stroma import execute_step, report_usage
+from stroma.context import ReliabilityContext, elapsed_ms
+from stroma.cost import BudgetExceeded
+from stroma.pricing import cost_usd
+from stroma.trace import ExecutionResult
+
+__all__ = ["EVENT_TOOL_CALL", "StromaRunHooks", "run_agent"]
+
+EVENT_TOOL_CALL = "stroma.tool_call"
+"""Span event added to the attempt span for each tool call (attributes: tool name, phase)."""
+
+
+def _model_name(agent: Any) -> str | None:
+    model = getattr(agent, "model", None)
+    if isinstance(model, str):
+        return model
+    name = getattr(model, "model", None) or getattr(model, "model_name", None)
+    return name if isinstance(name, str) else None
+
+
+class StromaRunHooks(RunHooks[Any]):
+    """Run hooks that charge each model call to the running attempt and check the budget before
+    each one. One instance per agent run (it keeps the run's usage so far)."""
+
+    def __init__(self, ctx: ReliabilityContext, step_id: str) -> None:
+        self.ctx = ctx
+        self.step_id = step_id
+        self.model_calls = 0
+        self.tool_calls = 0
+        self.pending_tokens = 0
+        self.pending_cost = 0.0
+
+    async def on_llm_start(self, context: Any, agent: Any, system_prompt: Any, input_items: Any) -> None:
+        self.check_budget()
+        self.model_calls += 1
+
+    async def on_llm_end(self, context: Any, agent: Any, response: Any) -> None:
+        usage = getattr(response, "usage", None)
+        input_tokens = int(getattr(usage, "input_tokens", 0) or 0)
+        output_tokens = int(getattr(usage, "output_tokens", 0) or 0)
+        model = _model_name(agent)
+        report_usage(input_tokens, output_tokens, model)
+        self.pending_tokens += input_tokens + output_tokens
+        self.pending_cost += cost_usd(model, input_tokens, output_tokens)[0]
+
+    async def on_tool_start(self, context: Any, agent: Any, tool: Any) -> None:
+        self.tool_calls += 1
+        _event({"gen_ai.tool.name": str(getattr(tool, "name", tool)), "stroma.tool_call.phase": "start"})
+
+    async def on_tool_end(self, context: Any, agent: Any, tool: Any, result: Any) -> None:
+        _event({"gen_ai.tool.name": str(getattr(tool, "name", tool)), "stroma.tool_call.phase": "end"})
+
+    def check_budget(self) -> None:
+        """Raise :class:`~stroma.cost.BudgetExceeded` when the next model call may not start."""
+        run = self.ctx
+        budget = run.budget
+        if budget.is_unlimited:
+            return
+        tokens = run.input_tokens + run.output_tokens + self.pending_tokens
+        if budget.max_tokens_total is not None and tokens >= budget.max_tokens_total:
+            raise BudgetExceeded("tokens", float(budget.max_tokens_total), float(tokens), self.step_id)
+        cost = run.total_cost + self.pending_cost
+        if budget.max_cost_usd is not None and cost >= budget.max_cost_usd:
+            raise BudgetExceeded("cost", float(budget.max_cost_usd), float(cost), self.step_id)
+        run.cost_tracker.check_can_start(budget, self.step_id, elapsed_ms=elapsed_ms(run.started_perf))
+
+
+def _event(attributes: dict[str, str]) -> None:
+    # the attempt span is the current one while the agent runs inside the step
+    span = trace_api.get_current_span()
+    if span.is_recording():
+        span.add_event(EVENT_TOOL_CALL, attributes)
+
+
+async def run_agent(
+    agent: Agent[Any], user_input: Any, ctx: ReliabilityContext, *, step_id: str = "agent", **run_kwargs: Any
+) -> ExecutionResult:
+    """Run ``Runner.run(agent, user_input, **run_kwargs)`` as the step *step_id*; ``final_state``
+    is the run's ``final_output``."""
+
+    async def body(prompt: Any) -> Any:
+        hooks = StromaRunHooks(ctx, step_id)
+        result = await Runner.run(agent, prompt, hooks=hooks, **run_kwargs)
+        return result.final_output
+
+    return await execute_step(step_id, body, user_input, ctx)
