@@ -28,8 +28,8 @@ from agents import Agent, RunHooks, Runner
 from opentelemetry import trace as trace_api
 
 from stroma import execute_step, report_usage
-from stroma.context import ReliabilityContext, elapsed_ms
-from stroma.cost import BudgetExceeded
+from stroma.adapters.budget import check_call_budget
+from stroma.context import ReliabilityContext
 from stroma.pricing import cost_usd
 from stroma.trace import ExecutionResult
 
@@ -81,17 +81,7 @@ class StromaRunHooks(RunHooks[Any]):
 
     def check_budget(self) -> None:
         """Raise :class:`~stroma.cost.BudgetExceeded` when the next model call may not start."""
-        run = self.ctx
-        budget = run.budget
-        if budget.is_unlimited:
-            return
-        tokens = run.input_tokens + run.output_tokens + self.pending_tokens
-        if budget.max_tokens_total is not None and tokens >= budget.max_tokens_total:
-            raise BudgetExceeded("tokens", float(budget.max_tokens_total), float(tokens), self.step_id)
-        cost = run.total_cost + self.pending_cost
-        if budget.max_cost_usd is not None and cost >= budget.max_cost_usd:
-            raise BudgetExceeded("cost", float(budget.max_cost_usd), float(cost), self.step_id)
-        run.cost_tracker.check_can_start(budget, self.step_id, elapsed_ms=elapsed_ms(run.started_perf))
+        check_call_budget(self.ctx, self.step_id, pending_tokens=self.pending_tokens, pending_cost=self.pending_cost)
 
 
 def _event(attributes: dict[str, str]) -> None:
