@@ -289,7 +289,7 @@ class RunLease:
 
     def start_renewing(self) -> None:
         """Renew the lease every ``renew_every`` seconds on a daemon thread until :meth:`release`."""
-        if self._renewer is not None:
+        if self._renewer is not None and self._renewer.is_alive():
             return
         self._stop.clear()
         thread = threading.Thread(target=self._renew_loop, name=f"stroma-lease-{self.run_id[:32]}", daemon=True)
