@@ -98,7 +98,7 @@ for _, rid in ipairs(expired) do
 end
 local function keep_expiry(ttl)
   if redis.call('TTL', state) < 0 then redis.call('EXPIRE', state, ttl) end
-  if redis.call('EXISTS', leases) == 1 then redis.call('PEXPIRE', leases, redis.call('PTTL', state)) end
+  if redis.call('PTTL', leases) == -1 then redis.call('PEXPIRE', leases, redis.call('PTTL', state)) end
 end
 local function totals()
   local v = redis.call('HMGET', state, 'spent_micros', 'held_micros', 'spent_tokens', 'held_tokens')

@@ -177,8 +177,9 @@ def test_a_killed_process_hold_expires_and_is_returned(redis_url: str, key: str)
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
-        proc.stdout.close() if proc.stdout else None
-        proc.stderr.close() if proc.stderr else None
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
     time.sleep(0.6)  # past the dead process's lease
     hold = budget.reserve(0.5)  # the hold was released: the budget is back
     usage = budget.usage()
