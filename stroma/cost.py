@@ -141,8 +141,12 @@ class ExecutionBudget(BaseModel):
         return self.max_tokens_total is None and self.max_cost_usd is None and self.max_latency_ms is None
 
     def limit(self, dimension: Dimension) -> float | None:
-        """The limit of *dimension* (``"tokens"``, ``"cost"`` or ``"latency"``), or ``None``."""
-        value = getattr(self, _LIMIT_FIELDS[dimension])
+        """The limit of *dimension* (``"tokens"``, ``"cost"`` or ``"latency"``), or ``None``
+        (also for the ``shared_*`` dimensions: those limits belong to a :class:`SharedLimit`)."""
+        field = _LIMIT_FIELDS.get(dimension)
+        if field is None:
+            return None
+        value = getattr(self, field)
         return None if value is None else float(value)
 
 

@@ -421,8 +421,9 @@ class SharedBudget:
         :class:`~stroma.errors.ConfigurationError` when another process uses other limits for
         this key.
         """
-        micros = to_micros(usd)
-        count = _check_count(self.key, "tokens", tokens)
+        return self._reserve(to_micros(usd), _check_count(self.key, "tokens", tokens), reservation_id, step_id)
+
+    def _reserve(self, micros: int, count: int, reservation_id: str | None, step_id: str) -> Reservation:
         rid = reservation_id if reservation_id is not None else os.urandom(12).hex()
         if not isinstance(rid, str) or not 1 <= len(rid) <= 128:
             raise ConfigurationError(f"reservation_id must be a string of 1-128 characters, got {rid!r}")
@@ -458,8 +459,11 @@ class SharedBudget:
         A reservation whose lease already expired still has its spend added. Raises
         :class:`SharedBudgetError` when Redis cannot be reached (retrying is safe).
         """
+        return self._settle(reservation, to_micros(usd), _check_count(self.key, "tokens", tokens))
+
+    def _settle(self, reservation: Reservation | str, micros: int, count: int) -> bool:
         rid = reservation.id if isinstance(reservation, Reservation) else reservation
-        args = [rid, to_micros(usd), _check_count(self.key, "tokens", tokens), self.ttl_seconds]
+        args = [rid, micros, count, self.ttl_seconds]
         reply = self._call("settle", _SETTLE, args, "settle")
         return bool(int(reply[0]))
 
@@ -502,13 +506,13 @@ class SharedBudget:
     async def reserve_attempt(self, step_id: str, run_id: str) -> Reservation:
         """Reserve the estimate for the next attempt of *step_id* (in a worker thread)."""
         micros, tokens = self.estimate(step_id)
-        return await asyncio.to_thread(self.reserve, micros / MICROS_PER_USD, tokens, step_id=step_id)
+        return await asyncio.to_thread(self._reserve, micros, tokens, None, step_id)
 
     async def settle_attempt(self, hold: Any, step_id: str, cost_usd: float, tokens: int) -> None:
         """Settle *hold* with the attempt's actual spend and learn the step's estimate. Never raises:
         a settle that fails is logged (error type only) and its hold lapses with its lease."""
         try:
-            micros = to_micros(cost_usd)
+            micros = min(to_micros(cost_usd), MAX_AMOUNT_MICROS)
         except ValueError:
             micros = 0
         if micros > 0 or tokens > 0:
@@ -519,7 +523,7 @@ class SharedBudget:
         if not isinstance(hold, Reservation):
             return
         try:
-            await asyncio.to_thread(self.settle, hold, micros / MICROS_PER_USD, max(0, int(tokens)))
+            await asyncio.to_thread(self._settle, hold, micros, min(max(0, int(tokens)), MAX_AMOUNT_MICROS))
         except Exception as exc:
             logger.warning(
                 "shared budget %s: settling an attempt of step %s failed (%s); its hold is released when its "

@@ -13,11 +13,20 @@ import pytest
 from opentelemetry.trace import StatusCode
 from pydantic import BaseModel
 
-from stroma import ContractRegistry, ReliabilityContext, RunConfig, RunStatus, StromaRunner, execute_step
+from stroma import (
+    ContractRegistry,
+    ExecutionBudget,
+    ReliabilityContext,
+    RunConfig,
+    RunStatus,
+    StromaRunner,
+    execute_step,
+    report_usage,
+)
 from stroma.fleet import SharedBudget, SharedBudgetExceeded, to_micros
 from stroma.pricing import cost_usd
 from stroma.telemetry import names as n
-from stroma.testing import TelemetryCapture
+from stroma.testing import TelemetryCapture, no_retry_sleep
 
 pytestmark = pytest.mark.redis
 
@@ -154,3 +163,26 @@ def test_run_config_refuses_something_that_is_not_a_shared_limit() -> None:
 
     with pytest.raises(ConfigurationError, match="shared_budget"):
         RunConfig(shared_budget=0.5)
+
+
+async def test_a_failed_attempt_that_was_billed_is_settled_too(redis_url: str, key: str) -> None:
+    budget = SharedBudget(key, max_cost_usd=1.0, redis_url=redis_url)
+    ctx = ReliabilityContext.for_run(RunConfig(shared_budget=budget), ContractRegistry(), None)
+    attempts: list[int] = []
+
+    async def step(ticket: Ticket) -> Any:
+        attempts.append(1)
+        if len(attempts) == 1:
+            report_usage(3000, 0, MODEL)  # billed, then the connection dropped
+            raise ConnectionError("reset by peer")
+        return Draft(text=ticket.text), 1000, 100, MODEL
+
+    with no_retry_sleep():
+        result = await execute_step("draft", step, Ticket(text="x"), ctx)
+
+    assert result.status is RunStatus.COMPLETED and len(attempts) == 2
+    usage = budget.usage()
+    assert usage.spent_micros == to_micros(cost_usd(MODEL, 3000, 0)[0]) + to_micros(cost_usd(MODEL, 1000, 100)[0])
+    assert (usage.spent_tokens, usage.holds) == (4100, 0)
+    assert ExecutionBudget(max_cost_usd=1).limit("shared_cost") is None  # not a run budget's limit
+    budget.close()
