@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Mapping
@@ -167,7 +168,7 @@ class RunLease:
         self.renew_every = float(every)
         self.lease_key = f"{key_prefix}lease:{run_id}"
         self.fence_key = f"{key_prefix}fence:{run_id}"
-        self.owner = owner if owner is not None else f"{os.uname().nodename} {os.getpid()}:{os.urandom(4).hex()}"
+        self.owner = owner if owner is not None else f"{socket.gethostname()} {os.getpid()}:{os.urandom(4).hex()}"
         self._fence_ttl = fence_ttl_seconds
         self._url = redis_url
         self._target = mask_url(redis_url) if redis_url is not None else type(client).__name__
