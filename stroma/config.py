@@ -31,7 +31,7 @@ from pydantic import (
     model_validator,
 )
 
-from stroma.cost import ExecutionBudget, FallbackPolicy
+from stroma.cost import ExecutionBudget, FallbackPolicy, SharedLimit
 from stroma.errors import ConfigurationError
 from stroma.failures import Classifier, FailureClass, FailurePolicy, PolicyMap, default_policy_map
 from stroma.pricing import price_for
@@ -120,8 +120,10 @@ class RunConfig(BaseModel):
     Added here: ``workflow_name`` (names the run span, ``gen_ai.workflow.name`` and the
     ``stroma.workflow.name`` metric label; keep it low-cardinality), ``run_timeout_ms`` (a
     deadline for the whole run, in milliseconds; every attempt's timeout is capped by what is
-    left of it) and ``telemetry`` (:class:`~stroma.telemetry.settings.TelemetrySettings`;
-    default: environment).
+    left of it), ``telemetry`` (:class:`~stroma.telemetry.settings.TelemetrySettings`;
+    default: environment) and ``shared_budget`` (a :class:`~stroma.cost.SharedLimit` such as
+    :class:`stroma.fleet.SharedBudget`, a limit shared with other processes, reserved before and
+    settled after every attempt, on top of ``budget``).
 
     Run ids: a ``run_id`` given by the caller is *explicit* (:attr:`explicit_run_id`) and is used
     by every run of this configuration, so running it again resumes that run (see
@@ -148,6 +150,7 @@ class RunConfig(BaseModel):
     workflow_name: str = "pipeline"
     run_timeout_ms: int | None = None
     telemetry: TelemetrySettings | None = None
+    shared_budget: SharedLimit | None = None
 
     _risks_reported: bool = PrivateAttr(default=False)
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from stroma._admission import BudgetGate
 from stroma.contracts import ContractRegistry
-from stroma.cost import BudgetExceeded, CostTracker, Dimension, ExecutionBudget, FallbackPolicy, NodeUsage
+from stroma.cost import BudgetExceeded, CostTracker, Dimension, ExecutionBudget, FallbackPolicy, NodeUsage, SharedLimit
 from stroma.errors import exception_types
 from stroma.failures import Classifier, PolicyMap, RetryBudget
 from stroma.pricing import preload as preload_prices
@@ -105,6 +105,7 @@ class ReliabilityContext:
     workflow_name: str = "pipeline"
     run_timeout_ms: int | None = None
     telemetry: Telemetry = field(default_factory=get_telemetry)
+    shared_budget: SharedLimit | None = None
     run_logger: logging.LoggerAdapter[logging.Logger] = field(init=False)
     started_perf: float = field(init=False, default_factory=time.perf_counter)
     records: list[SpanRecord] = field(init=False, default_factory=list)
@@ -180,6 +181,7 @@ class ReliabilityContext:
             workflow_name=config.workflow_name,
             run_timeout_ms=config.run_timeout_ms,
             telemetry=get_telemetry(config.telemetry),
+            shared_budget=config.shared_budget,
         )
 
     # --- the run span ------------------------------------------------------------------------

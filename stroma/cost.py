@@ -22,7 +22,7 @@ import math
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
@@ -39,12 +39,14 @@ __all__ = [
     "FallbackPolicy",
     "ModelHint",
     "NodeUsage",
+    "SharedLimit",
     "StepUsage",
     "estimate_cost_usd",
     "resolve_model",
 ]
 
-Dimension = Literal["tokens", "cost", "latency"]
+Dimension = Literal["tokens", "cost", "latency", "shared_cost", "shared_tokens"]
+"""A budget dimension; ``shared_*`` are the limits of a :class:`SharedLimit` (a fleet-wide budget)."""
 
 _LIMIT_FIELDS: dict[str, str] = {
     "tokens": "max_tokens_total",
@@ -140,8 +142,12 @@ class ExecutionBudget(BaseModel):
         return self.max_tokens_total is None and self.max_cost_usd is None and self.max_latency_ms is None
 
     def limit(self, dimension: Dimension) -> float | None:
-        """The limit of *dimension* (``"tokens"``, ``"cost"`` or ``"latency"``), or ``None``."""
-        value = getattr(self, _LIMIT_FIELDS[dimension])
+        """The limit of *dimension* (``"tokens"``, ``"cost"`` or ``"latency"``), or ``None``
+        (also for the ``shared_*`` dimensions: those limits belong to a :class:`SharedLimit`)."""
+        field = _LIMIT_FIELDS.get(dimension)
+        if field is None:
+            return None
+        value = getattr(self, field)
         return None if value is None else float(value)
 
 
@@ -187,6 +193,30 @@ class BudgetExceeded(StromaError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.dimension, self.limit, self.actual, self.node_id))
+
+
+@runtime_checkable
+class SharedLimit(Protocol):
+    """A limit outside the run consulted around every attempt, e.g. a fleet-wide
+    :class:`stroma.fleet.SharedBudget` (set it as ``RunConfig.shared_budget``).
+
+    The step loop calls :meth:`reserve_attempt` before each attempt, after the run's own budget
+    checks, and :meth:`settle_attempt` once the attempt's usage is charged (failed attempts
+    included). ``reserve_attempt`` raises :class:`BudgetExceeded` (``dimension``
+    ``"shared_cost"`` or ``"shared_tokens"``) to refuse the attempt: the step stops as a budget
+    breach (``PARTIAL``). Any other ``Exception`` means the limit could not be consulted: the
+    step stops ``PARTIAL`` with that error (fail closed). ``settle_attempt`` must not raise.
+    An attempt interrupted by a ``BaseException`` (cancellation) is never settled: its hold must
+    lapse on its own (a lease).
+    """
+
+    async def reserve_attempt(self, step_id: str, run_id: str) -> Any:
+        """Reserve the next attempt's estimated spend; returns a handle for :meth:`settle_attempt`."""
+        ...
+
+    async def settle_attempt(self, hold: Any, step_id: str, cost_usd: float, tokens: int) -> None:
+        """Replace the hold *hold* with the attempt's actual spend (USD, input + output tokens)."""
+        ...
 
 
 @dataclass

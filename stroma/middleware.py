@@ -41,7 +41,7 @@ from stroma import _step_io
 from stroma._step_state import AttemptEvent, StepState, choose_fallback, dump_state, error_fallback, note_fallback
 from stroma.context import ReliabilityContext, breach_attributes, elapsed_ms, error_message, error_type_name
 from stroma.contracts import ContractViolation, NodeContract
-from stroma.cost import BudgetExceeded
+from stroma.cost import BudgetExceeded, SharedLimit
 from stroma.failures import FailureClass, NodeContext, classify, resolve_policy
 from stroma.pricing import cost_usd
 from stroma.telemetry import genai_usage
@@ -150,6 +150,7 @@ async def _run_step(step: StepState, func: Callable[..., Any], input_state: Any)
     budget = ctx.budget
     check_budget = not budget.is_unlimited
     gate = ctx.gate if ctx.gate.active else None
+    shared = ctx.shared_budget
     policy_delays: dict[FailureClass, Iterator[float]] = {}
     delay = 0.0
     attempt = 0
@@ -174,6 +175,23 @@ async def _run_step(step: StepState, func: Callable[..., Any], input_state: Any)
             if gate is not None:
                 gate.release()
             return _stop(step, RunStatus.PARTIAL, input_state, f"run deadline of {ctx.run_timeout_ms} ms passed")
+        hold: Any = None
+        if shared is not None:
+            # A limit shared with other processes: reserve this attempt's estimate, or stop.
+            try:
+                hold = await shared.reserve_attempt(step_id, ctx.run_id)
+            except Exception as refused:
+                if gate is not None:
+                    gate.release()
+                if isinstance(refused, BudgetExceeded):
+                    return _breach(step, refused, input_state)
+                return _stop(
+                    step,
+                    RunStatus.PARTIAL,
+                    input_state,
+                    f"the shared budget could not be consulted before an attempt of step {step_id!r} "
+                    f"({error_type_name(refused)}: {error_message(refused)})",
+                )
         fallback = choose_fallback(step)
 
         arecord = SpanRecord(
@@ -236,7 +254,9 @@ async def _run_step(step: StepState, func: Callable[..., Any], input_state: Any)
         # --- after the attempt -----------------------------------------------------------------
         if failure is None:
             arecord.attributes[n.CONTRACT_OUTCOME] = n.CONTRACT_VALID if contract is not None else "unchecked"
-            _finish_attempt(step, arecord, usage, started, validated_input, output_model, None)
+            cost = _finish_attempt(step, arecord, usage, started, validated_input, output_model, None)
+            if shared is not None:
+                await _settle_shared(step, shared, hold, cost, usage.input_tokens + usage.output_tokens)
             breach = None
             if check_budget:
                 try:
@@ -274,7 +294,9 @@ async def _run_step(step: StepState, func: Callable[..., Any], input_state: Any)
                 n.EVENT_CONTRACT_VIOLATION,
                 {n.CONTRACT_DIRECTION: failure.direction, "stroma.contract.error_count": len(failure.errors)},
             )
-        _finish_attempt(step, arecord, usage, started, validated_input, None, (failure_class, failure))
+        cost = _finish_attempt(step, arecord, usage, started, validated_input, None, (failure_class, failure))
+        if shared is not None:
+            await _settle_shared(step, shared, hold, cost, usage.input_tokens + usage.output_tokens)
         step.failures.append((usage.model, error_type))
         if ctx.hooks.on_node_failure is not None:
             await ctx.call_hook("on_node_failure", step_id, failure, failure_class)
@@ -375,8 +397,9 @@ def _finish_attempt(
     input_state: Any,
     output_state: Any,
     failed: tuple[FailureClass, Exception] | None,
-) -> None:
-    """Charge the attempt's usage, end its span and append its :class:`TraceEvent` (deferred)."""
+) -> float:
+    """Charge the attempt's usage, end its span and append its :class:`TraceEvent` (deferred);
+    returns the attempt's cost in USD."""
     ctx = step.ctx
     # The attempt ends now: pricing and bookkeeping below are not charged to its duration.
     duration_ms = int((time.perf_counter() - started) * 1000)
@@ -436,6 +459,17 @@ def _finish_attempt(
         failure_class, exc = failed
         ctx.trace.append_deferred(
             AttemptEvent(ctx.run_id, arecord, input_state, output_state, duration_ms, failure_class, error_message(exc))
+        )
+    return cost
+
+
+async def _settle_shared(step: StepState, shared: SharedLimit, hold: Any, cost: float, tokens: int) -> None:
+    """Replace the attempt's hold on the shared budget by what it actually spent (never raises)."""
+    try:
+        await shared.settle_attempt(hold, step.step_id, cost, tokens)
+    except Exception as exc:
+        step.ctx.run_logger.warning(
+            "step %s: settling the shared budget raised %s; ignored", step.step_id, error_type_name(exc)
         )
 
 

@@ -41,6 +41,8 @@ DEFAULT_TTL_SECONDS: Final = 3600
 _STEP: Final = "s:"
 _ORDER: Final = "o:"
 _MANIFEST: Final = "m"
+ORDER_FIELD_PREFIX: Final = _ORDER
+"""Prefix of the hash field holding a step's first-save clock (ns); see the module docs."""
 _SCHEMES: Final = ("redis", "rediss", "unix")
 _RETRIES: Final = 2
 _RETRY_BASE_SECONDS: Final = 0.05
@@ -347,16 +349,26 @@ class SyncRedisStore(_RedisSettings):
             return self._client
 
     def _write(self, action: str, run_id: str, step_id: str | None, fields: dict[str, str]) -> None:
-        key = self.run_key(run_id)
         try:
-            with self._redis().pipeline(transaction=True) as pipe:
-                if step_id is not None:
-                    pipe.hsetnx(key, _ORDER + step_id, time.time_ns())
-                pipe.hset(key, mapping=fields)
-                pipe.expire(key, self._ttl)
-                pipe.execute()
+            self.apply_write(run_id, step_id, fields)
         except self._errors as exc:
             raise self._failure(exc, action, run_id, step_id) from exc
+
+    def apply_write(self, run_id: str, step_id: str | None, fields: Mapping[str, str]) -> None:
+        """Write *fields* into the run's hash, with step *step_id*'s first-save order field
+        (``ORDER_FIELD_PREFIX + step_id``, set if absent) and the TTL, as one transaction.
+
+        The one place every write of this store goes through (``delete`` aside): a subclass may
+        replace it to make writes conditional (:class:`stroma.fleet.FencedRedisStore`). Redis
+        errors propagate; the caller turns them into a ``CheckpointError``.
+        """
+        key = self.run_key(run_id)
+        with self._redis().pipeline(transaction=True) as pipe:
+            if step_id is not None:
+                pipe.hsetnx(key, _ORDER + step_id, time.time_ns())
+            pipe.hset(key, mapping=dict(fields))
+            pipe.expire(key, self._ttl)
+            pipe.execute()
 
     def _read(self, run_id: str, step_id: str | None, field: str) -> Any:
         try:
