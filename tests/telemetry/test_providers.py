@@ -135,7 +135,7 @@ def test_unreachable_or_hanging_collector_never_blocks_steps(monkeypatch: pytest
     hanging = _Hanging() if mode == "hangs" else None
     port = hanging.port if hanging is not None else _closed_port()
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{port}")
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "1000")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "1")  # seconds, in this SDK
     monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
     try:
         durations, status = asyncio.run(_run_steps(200))
