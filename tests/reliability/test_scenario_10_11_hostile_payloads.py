@@ -137,9 +137,7 @@ HOSTILE_STATES = {
 
 
 @pytest.mark.parametrize("name", list(HOSTILE_STATES))
-async def test_s11_hostile_states_never_reach_the_caller_and_stay_bounded(
-    capture: TelemetryCapture, name: str
-) -> None:
+async def test_s11_hostile_states_never_reach_the_caller_and_stay_bounded(capture: TelemetryCapture, name: str) -> None:
     hostile = HOSTILE_STATES[name]
     seen: list[Any] = []
 
