@@ -15,6 +15,7 @@ import asyncio
 import logging
 import os
 import statistics
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -41,15 +42,22 @@ class Answer(BaseModel):
 
 @pytest.fixture(autouse=True)
 def fresh_private(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Private providers of this test only; export threads a bounded shutdown left behind are
+    waited for (their exports end within OTEL_EXPORTER_OTLP_TIMEOUT once the receiver is gone),
+    so that they neither load the machine nor count lost spans during later tests."""
     for name in list(os.environ):
         if name.startswith(("OTEL_", "STROMA_")):
             monkeypatch.delenv(name)
     stroma.telemetry.shutdown(2.0)
     stroma.telemetry.reset()
     providers.lost.clear()
+    threads_before = set(threading.enumerate())
     yield
     stroma.telemetry.shutdown(2.0)
     stroma.telemetry.reset()
+    deadline = time.monotonic() + 10.0
+    for thread in set(threading.enumerate()) - threads_before:
+        thread.join(max(0.0, deadline - time.monotonic()))
     providers.lost.clear()
 
 
@@ -172,11 +180,20 @@ def test_s2_hanging_collector_span_end_in_microseconds_exports_and_shutdown_boun
         asyncio.run(_steps(20))
         in_flight = len(receiver.requests)
         assert receiver.wait_for(lambda: len(receiver.requests) > in_flight, 5.0)
+        exporting = [t for t in threading.enumerate() if t.name.startswith("Otel")]
+        assert exporting
         started = time.monotonic()
         stroma.telemetry.shutdown(timeout_s=0.5)
         assert time.monotonic() - started < 0.5 + 1.0
     finally:
         receiver.close()
+    # what the bounded shutdown abandoned ends by itself once its export gives up (1 s); the
+    # metric reader's thread used to be left running for good when the span processor had used
+    # up the deadline (its shutdown was never called)
+    deadline = time.monotonic() + 1.0 + 3.0
+    for thread in exporting:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    assert [t.name for t in exporting if t.is_alive()] == []
 
 
 async def _run_steps(count: int) -> int:
@@ -206,7 +223,7 @@ def test_s4_burst_past_the_queue_stays_bounded_is_counted_and_does_not_slow_the_
 ) -> None:
     queue_size = 64
     monkeypatch.setenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "16")
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "30")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "2")
     healthy = OtlpReceiver("ok")
     hanging = OtlpReceiver("hang")
     try:
@@ -236,6 +253,5 @@ def test_s4_burst_past_the_queue_stays_bounded_is_counted_and_does_not_slow_the_
             statistics.median(reference),
         )
     finally:
-        stroma.telemetry.shutdown(0.5)
         healthy.close()
         hanging.close()
