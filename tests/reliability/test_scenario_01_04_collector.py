@@ -244,14 +244,17 @@ def test_s4_burst_past_the_queue_stays_bounded_is_counted_and_does_not_slow_the_
         tracer_provider, _meter = providers.private_providers()
         processors = tracer_provider._active_span_processor._span_processors
         [processor] = [p for p in processors if hasattr(p, "_batch_processor")]
-        assert len(processor._batch_processor._queue) <= queue_size  # bounded
+        queued = len(processor._batch_processor._queue)
+        assert queued <= queue_size  # bounded
         dropped = providers.lost.counts[("spans", "queue_full")]
-        # all but the queue and the batches taken by the hanging exports (one at a time, each
-        # given up after its 2 s timeout) are dropped, and counted
-        taken = 16 * len([r for r in hanging.requests if r[0].endswith("/v1/traces")])
-        assert made - queue_size - taken - 1 <= dropped <= made - queue_size
-        # not slowed: a full queue drops in O(1); the burst is no slower than the healthy case
-        assert statistics.median(burst) < 1.5 * statistics.median(reference) + 50e-6, (
+        failed = providers.lost.counts[("spans", "export_failed")]
+        # every span is dropped (and counted), queued, or taken by the exporter: the batches whose
+        # hanging export failed at its 2 s timeout, plus at most one batch (16) held right now
+        assert made - queued - failed - 16 - 1 <= dropped <= made - queued - failed + 1, (made, queued, failed)
+        assert dropped > made - queue_size - 16 * 4  # most of the burst
+        # not slowed: a full queue drops in O(1); the burst is not slower than the healthy case
+        # (a pipeline that waited for queue space would take the export timeout per batch)
+        assert statistics.median(burst) < 2 * statistics.median(reference) + 100e-6, (
             statistics.median(burst),
             statistics.median(reference),
         )
