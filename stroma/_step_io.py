@@ -41,6 +41,9 @@ class AttemptUsage:
     # (USD, priced) already summed per model call, when the usage came from GenAI spans
     # (stroma.telemetry.genai_usage); None: price the tokens above with the model above
     cost: tuple[float, bool] | None = None
+    #: the model :func:`current_model` last told the step to call (names a failed attempt's
+    #: model in the step's error when the call failed before reporting any usage)
+    asked_model: str | None = None
 
 
 @dataclass
@@ -122,11 +125,14 @@ def current_model(default: str | None = None) -> str | None:
     established API), for steps that take a second parameter.
     """
     scope = _current.get()
-    if scope is None or scope.fallback is None:
+    if scope is None:
         return default
-    if default is None or default == scope.preferred:
-        return scope.fallback
-    return default
+    model = default
+    if scope.fallback is not None and (default is None or default == scope.preferred):
+        model = scope.fallback
+    if isinstance(model, str):
+        scope.usage.asked_model = model
+    return model
 
 
 def enter_attempt(

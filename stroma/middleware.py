@@ -297,7 +297,7 @@ async def _run_step(step: StepState, func: Callable[..., Any], input_state: Any)
         cost = _finish_attempt(step, arecord, usage, started, validated_input, None, (failure_class, failure))
         if shared is not None:
             await _settle_shared(step, shared, hold, cost, usage.input_tokens + usage.output_tokens)
-        step.failures.append((usage.model, error_type))
+        step.failures.append((usage.model or usage.asked_model, error_type))
         if ctx.hooks.on_node_failure is not None:
             await ctx.call_hook("on_node_failure", step_id, failure, failure_class)
         if isinstance(failure, BudgetExceeded):

@@ -48,7 +48,7 @@ from typing import Any, Final, Literal
 
 import genai_prices
 
-from stroma.errors import ConfigurationError
+from stroma.errors import ConfigurationError, exception_types
 from stroma.telemetry._bounds import MAX_LABEL_CHARS, bound_text
 
 __all__ = [
@@ -169,12 +169,17 @@ _logged: set[str] = set()
 _LOGGED_LIMIT: Final = 256
 
 
-def _log_once(key: str, message: str, *args: object, exc_info: bool = False) -> None:
+def _log_once(key: str, message: str, *args: object, exc: BaseException | None = None) -> None:
     with _lock:
         if key in _logged or len(_logged) >= _LOGGED_LIMIT:
             return
         _logged.add(key)
-    _log.warning(message, *args, exc_info=exc_info)
+    if exc is None:
+        _log.warning(message, *args)
+    else:
+        # the exception's type chain, never its message or traceback: Stroma's log lines name
+        # error types only (README, "Seeing runs in Jaeger and Grafana")
+        _log.warning(message + " (%s)", *args, exception_types(exc))
 
 
 MAX_MODEL_CHARS: Final = MAX_LABEL_CHARS
@@ -273,8 +278,8 @@ def preload(models: Iterable[str] = ()) -> None:
     global _table_collected
     try:
         genai_prices.data_snapshot.get_snapshot()
-    except Exception:
-        _log_once("preload", "genai-prices could not load its price table; models may be unpriced", exc_info=True)
+    except Exception as exc:
+        _log_once("preload", "genai-prices could not load its price table; models may be unpriced", exc=exc)
         return
     if not _table_collected:
         # Loading the table allocates tens of thousands of objects; the interpreter's next full
@@ -313,8 +318,8 @@ def cost_usd(model: str | None, input_tokens: int, output_tokens: int) -> tuple[
             # never let an infinite or negative cost reach totals, budgets, metrics or checkpoints
             raise ArithmeticError("the computed cost is not a finite amount >= 0")
         return cost, True
-    except Exception:
-        _log_once("cost_usd", "pricing failed for model %r; usage marked unpriced", model, exc_info=True)
+    except Exception as exc:
+        _log_once("cost_usd", "pricing failed for model %r; usage marked unpriced", model, exc=exc)
         return 0.0, False
 
 
@@ -377,7 +382,7 @@ def _resolve(model: str) -> ModelPrice | None:
                 f"genai:{type(exc).__name__}",
                 "genai-prices failed while pricing %r; the model is treated as unpriced",
                 model,
-                exc_info=True,
+                exc=exc,
             )
             return None
     _log.debug("no price known for model %r; its usage will be marked unpriced", model)

@@ -458,7 +458,9 @@ def _shutdown_private(private: _Private, timeout_s: float) -> bool:
             finished = False
             lost.add("spans", "exit_timeout", len(batch._queue))
     try:
-        private.meter_provider.shutdown(timeout_millis=max(0.0, deadline - time.monotonic()) * 1000)
+        # At least 1 ms: with no time left the SDK skips every reader's shutdown, and its
+        # export thread would then live (and export every interval) for the rest of the process.
+        private.meter_provider.shutdown(timeout_millis=max(1.0, (deadline - time.monotonic()) * 1000))
     except Exception as exc:  # the SDK raises when a reader did not finish in time
         finished = False
         lost.add("metrics", "exit_timeout")
