@@ -378,8 +378,11 @@ class StromaRunner:
         try:
             asyncio.get_running_loop()
         except RuntimeError:
-            return asyncio.run(self.run(nodes, initial_state, run_id=run_id))
-        raise RuntimeError("run_sync() was called from a running event loop; use `await runner.run(...)`")
+            pass  # no loop: the usual case. The run starts outside this handler, so its own
+            # exceptions do not carry "no running event loop" as their context.
+        else:
+            raise RuntimeError("run_sync() was called from a running event loop; use `await runner.run(...)`")
+        return asyncio.run(self.run(nodes, initial_state, run_id=run_id))
 
     async def _drive(
         self,

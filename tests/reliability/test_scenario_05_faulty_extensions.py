@@ -151,12 +151,6 @@ def test_each_fault_has_its_own_span_and_the_spans_that_started_are_exported(
     assert sorted(s.name for s in everything_faulty.spans()) == ["attempt fetch", "step fetch"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="runner.run_sync calls asyncio.run inside `except RuntimeError` (runner.py:362-364), so every "
-    "exception raised in the run gets RuntimeError('no running event loop') as __context__; logs then "
-    "read 'PluginBug <- RuntimeError' and tracebacks show an unrelated error",
-)
 def test_run_sync_adds_no_context_to_the_exceptions_of_the_run() -> None:
     seen: list[BaseException | None] = []
 
