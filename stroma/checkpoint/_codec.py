@@ -240,6 +240,12 @@ def _schema_member(model: type[BaseModel]) -> bytes:
     return b'"schema":' + _canonical({"name": schema_name(model), "fingerprint": schema_fingerprint(model)})
 
 
+@functools.lru_cache(maxsize=1024)
+def _json_string(text: str) -> bytes:
+    """*text* as a JSON string in UTF-8 (ids repeat from checkpoint to checkpoint: cached, bounded)."""
+    return _canonical(text)
+
+
 def _envelope(kind: str, run_id: str, step_id: str | None, payload: bytes, schema: bytes) -> bytes:
     """The sealed envelope as bytes, keys in sorted order, from an already encoded *payload*.
 
@@ -250,13 +256,13 @@ def _envelope(kind: str, run_id: str, step_id: str | None, payload: bytes, schem
             b'{"format":"' + FORMAT.encode() + b'","kind":"' + kind.encode() + b'","payload":',
             payload,
             b',"run_id":',
-            _canonical(run_id),
+            _json_string(run_id),
             b',"saved_at":',
-            _canonical(time.time()),
+            float.__repr__(time.time()).encode("ascii"),  # how JSON writes a finite float
             b",",
             schema,
             b',"step_id":',
-            _canonical(step_id),
+            b"null" if step_id is None else _json_string(step_id),
             b',"version":' + str(FORMAT_VERSION).encode() + b"}",
         )
     )
