@@ -240,7 +240,7 @@ def _schema_member(model: type[BaseModel]) -> bytes:
     return b'"schema":' + _canonical({"name": schema_name(model), "fingerprint": schema_fingerprint(model)})
 
 
-@functools.lru_cache(maxsize=1024)
+@functools.lru_cache(maxsize=256)
 def _json_string(text: str) -> bytes:
     """*text* as a JSON string in UTF-8 (ids repeat from checkpoint to checkpoint: cached, bounded)."""
     return _canonical(text)
