@@ -70,6 +70,7 @@ coverage: install
 bench: install
 	$(BIN)/python bench/step_overhead.py
 	$(BIN)/python bench/pipeline_overhead.py
+	$(BIN)/python bench/vs_established.py
 
 clean:
 	rm -rf $(VENV) .venv-py3.* .pytest_cache .mypy_cache .ruff_cache

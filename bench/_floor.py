@@ -1,10 +1,15 @@
-"""What the benchmarks' hand-written floors share: an exporter that drops, SDK providers, and
-one step done by hand (validation of input and output, a step span and an attempt span with the
-attributes Stroma sets), so that every floor measures the same work."""
+"""What the benchmarks' hand-written floors share: an exporter that drops, SDK providers, a
+checkpoint store by hand, and one step done by hand (validation of input and output, a step span
+and an attempt span with the attributes Stroma sets), so that every floor measures the same work.
+
+The floors checkpoint like a user of the established package with ``CheckpointManager(InMemoryStore())``:
+each output kept as its JSON text in a dict (no envelope, no checksum), so what Stroma's sealed
+checkpoints cost shows as overhead over the floor."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+import json
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from opentelemetry import context as context_api
@@ -13,6 +18,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.trace import SpanKind, Tracer, set_span_in_context
+from pydantic import BaseModel
 
 from stroma.telemetry import names as n
 
@@ -25,6 +31,25 @@ class DropExporter(SpanExporter):
 
     def shutdown(self) -> None:
         return None
+
+
+class FloorCheckpoints:
+    """An in-memory checkpoint store by hand: JSON text per (run, step), manifests as JSON text."""
+
+    def __init__(self) -> None:
+        self.steps: dict[tuple[str, str], str] = {}
+        self.manifests: dict[str, str] = {}
+
+    def save(self, run_id: str, step_id: str, state: BaseModel) -> None:
+        self.steps[run_id, step_id] = state.model_dump_json()
+
+    def save_manifest(self, run_id: str, manifest: Mapping[str, Any]) -> None:
+        self.manifests[run_id] = json.dumps(manifest)
+
+    def delete(self, run_id: str) -> None:
+        self.manifests.pop(run_id, None)
+        for key in [key for key in self.steps if key[0] == run_id]:
+            del self.steps[key]
 
 
 def providers() -> tuple[TracerProvider, MeterProvider]:

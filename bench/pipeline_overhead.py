@@ -1,18 +1,22 @@
 """What a StromaRunner run of a 3-node pipeline costs, against hand-written floors measured in the same run.
 
+Every variant checkpoints in memory, as a user of the established package does with
+``CheckpointManager(InMemoryStore())``, and clears the run's checkpoints after it: the floor keeps
+the three outputs and the four run manifests the runner writes (start, after each stage but the
+last, end) as JSON text in dicts (``_floor.FloorCheckpoints``); Stroma runs with
+``CheckpointManager(InMemoryStore())``.
+
 Variants (runs per second, median of interleaved rounds; the method of ``bench/step_overhead.py``):
 
 - ``floor``: the same three steps written by hand: per step the pydantic validation of the input
-  and the output and two raw OpenTelemetry SDK spans (step and attempt) with the attributes Stroma
-  sets, under one raw run span (7 spans per run); batch span processor, an exporter that drops
-  everything;
+  and the output, the checkpoint, and two raw OpenTelemetry SDK spans (step and attempt) with the
+  attributes Stroma sets, under one raw run span (7 spans per run); batch span processor, an
+  exporter that drops everything;
 - ``core loop, hand-sequenced``: ``ReliabilityContext.as_run`` + three ``execute_step`` calls +
   ``build_result``, written by hand: the runner's own overhead is its difference to this;
-- ``runner``: ``StromaRunner(registry, None, config).run(...)`` on an SDK configured the same way
-  (plus its metrics), no checkpoint store;
-- ``floor + checkpoints`` and ``runner + memory checkpoints``: the same with checkpoints in the
-  in-memory store: the floor saves the three outputs and the four run manifests the runner writes
-  (start, after each stage but the last, end), straight to the store;
+- ``runner``: ``StromaRunner(registry, manager, config).run(...)`` on an SDK configured the same
+  way (plus its metrics);
+- ``runner, no checkpoint store``: the same without a manager (informational);
 - ``runner, telemetry off``: ``OTEL_SDK_DISABLED=true`` (informational).
 
 Then memory: tracemalloc growth over 10,000 consecutive runs after a warm-up, with telemetry on,
@@ -37,7 +41,7 @@ import tracemalloc
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from _floor import floor_step, providers
+from _floor import FloorCheckpoints, floor_step, providers
 from opentelemetry import context as context_api
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import SpanKind, set_span_in_context
@@ -88,11 +92,12 @@ def make_body(raw: dict[str, Any]) -> Callable[[Any], Awaitable[Any]]:
     return body
 
 
+FLOOR = "floor (3 steps + 7 SDK spans + ckpts)"
 BODIES = {step_id: make_body(raw) for step_id, _, _, raw in STEPS}
 NODES = [stroma_node(step_id, CONTRACTS[step_id])(BODIES[step_id]) for step_id, *_ in STEPS]
 
 
-def make_floor(tracer_provider: TracerProvider, store: InMemoryStore | None) -> Callable[[], Awaitable[Any]]:
+def make_floor(tracer_provider: TracerProvider, store: FloorCheckpoints) -> Callable[[], Awaitable[Any]]:
     tracer = tracer_provider.get_tracer("floor")
     manifest = {"format": "floor", "steps": [s[0] for s in STEPS], "usage": {}, "status": "running"}
     run_number = 0
@@ -107,8 +112,7 @@ def make_floor(tracer_provider: TracerProvider, store: InMemoryStore | None) -> 
             attributes={n.RUN_ID: run_id, n.GEN_AI_OPERATION_NAME: "invoke_workflow", n.GEN_AI_WORKFLOW_NAME: "p"},
         )
         run_token = context_api.attach(set_span_in_context(run))
-        if store is not None:
-            store.save_manifest(run_id, manifest)
+        store.save_manifest(run_id, manifest)
         state: Any = QUESTION
         for index, (step_id, input_schema, output_schema, _) in enumerate(STEPS):
             given = state
@@ -117,10 +121,9 @@ def make_floor(tracer_provider: TracerProvider, store: InMemoryStore | None) -> 
                 return given if isinstance(given, schema) else schema.model_validate(given.model_dump())
 
             def checkpoint(output: Any, step_id: str = step_id, index: int = index) -> None:
-                if store is not None:
-                    store.save(run_id, step_id, output)
-                    if index < len(STEPS) - 1:
-                        store.save_manifest(run_id, manifest)
+                store.save(run_id, step_id, output)
+                if index < len(STEPS) - 1:
+                    store.save_manifest(run_id, manifest)
 
             state = await floor_step(
                 tracer, step_id, run_id, validated_input, BODIES[step_id], output_schema.model_validate, checkpoint
@@ -128,9 +131,8 @@ def make_floor(tracer_provider: TracerProvider, store: InMemoryStore | None) -> 
         context_api.detach(run_token)
         run.set_attributes({n.RUN_STATUS: "completed", n.RUN_COST_AMOUNT: 0.0003})
         run.end()
-        if store is not None:
-            store.save_manifest(run_id, manifest)
-            store.delete(run_id)
+        store.save_manifest(run_id, manifest)
+        store.delete(run_id)
         return state
 
     return floor
@@ -140,15 +142,18 @@ def make_loop(settings: TelemetrySettings) -> Callable[[], Awaitable[Any]]:
     """The reliability loop sequenced by hand: what the runner adds is the difference to this."""
     config = RunConfig(telemetry=settings)
     registry = ContractRegistry()
+    manager = CheckpointManager(InMemoryStore())
 
     async def run() -> Any:
-        ctx = ReliabilityContext.for_run(config.model_copy(update={"run_id": new_run_id()}), registry, None)
+        ctx = ReliabilityContext.for_run(config.model_copy(update={"run_id": new_run_id()}), registry, manager)
         with ctx.as_run():
             state: Any = QUESTION
             for step_id, *_ in STEPS:
                 outcome = await execute_step(step_id, BODIES[step_id], state, ctx, contract=CONTRACTS[step_id])
                 state = outcome.final_state
-            return ctx.build_result(RunStatus.COMPLETED, state)
+            result = ctx.build_result(RunStatus.COMPLETED, state)
+        await manager.clear(ctx.run_id)
+        return result
 
     return run
 
@@ -186,13 +191,12 @@ async def measure(runs: int, rounds: int) -> dict[str, float]:
     # Telemetry is resolved when a run starts, so "off" is given as the setting that
     # OTEL_SDK_DISABLED=true turns into (setting the variable around the runner's construction
     # would be undone before its runs start).
-    untraced = make_runner(TelemetrySettings(enabled=False), None)
+    untraced = make_runner(TelemetrySettings(enabled=False), InMemoryStore())
     variants: dict[str, Callable[[], Awaitable[Any]]] = {
-        "floor (3 x validation pair + 7 SDK spans)": make_floor(tracer_provider, None),
+        FLOOR: make_floor(tracer_provider, FloorCheckpoints()),
         "core loop, hand-sequenced": make_loop(settings),
-        "runner": make_runner(settings, None),
-        "floor + checkpoints": make_floor(tracer_provider, InMemoryStore()),
-        "runner + memory checkpoints": make_runner(settings, InMemoryStore()),
+        "runner": make_runner(settings, InMemoryStore()),
+        "runner, no checkpoint store": make_runner(settings, None),
         "runner, telemetry off": untraced,
     }
     result = await variants["runner"]()
@@ -242,20 +246,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-runs", type=int, default=10_000, help="runs for the memory check (default 10000)")
     args = parser.parse_args(argv)
     rates = asyncio.run(measure(args.runs, args.rounds))
-    floor = rates["floor (3 x validation pair + 7 SDK spans)"]
+    floor = rates[FLOOR]
     print(f"python {sys.version.split()[0]}, {args.rounds} rounds x {args.runs} runs of a 3-node pipeline, median")
     for name, value in rates.items():
         print(f"  {name:42s} {value:9.0f} runs/s  {1e6 / value:8.1f} µs/run   {floor / value:5.2f}x floor")
     ratio = floor / rates["runner"]
     own = rates["core loop, hand-sequenced"] / rates["runner"]
-    checkpoint_ratio = rates["floor + checkpoints"] / rates["runner + memory checkpoints"]
     growth, peak = asyncio.run(memory_growth(args.memory_runs, None))
     growth_ckpt, peak_ckpt = asyncio.run(memory_growth(args.memory_runs, InMemoryStore()))
     print(f"memory growth over {args.memory_runs:,} runs after warm-up: {growth:.3f} MB (peak {peak:.2f} MB)")
     print(f"  with in-memory checkpoints (cleared per run): {growth_ckpt:.3f} MB (peak {peak_ckpt:.2f} MB)")
     print(f"runner / floor                         = {ratio:.2f}x (target <= 1.30x)")
     print(f"runner / hand-sequenced core loop      = {own:.2f}x (what the runner itself adds)")
-    print(f"runner + checkpoints / floor + ckpts   = {checkpoint_ratio:.2f}x")
     print(f"memory growth                          = {max(growth, growth_ckpt):.3f} MB (target < 2 MB)")
     return 0
 

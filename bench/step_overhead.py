@@ -1,9 +1,13 @@
 """What one execute_step costs, against hand-written floors measured in the same run.
 
+Every variant but the bare await checkpoints each output in memory, as a user of the established
+package does with ``CheckpointManager(InMemoryStore())``: the floors keep the output's JSON text in
+a dict (``_floor.FloorCheckpoints``), Stroma runs with ``CheckpointManager(InMemoryStore())``.
+
 Variants (µs per step, median of interleaved rounds):
 
 - ``bare await``: awaiting the step function alone;
-- ``validation pair``: pydantic validation of the input and the output, nothing else;
+- ``validation pair``: pydantic validation of the input and the output and the checkpoint;
 - ``floor``: the validation pair plus two raw OpenTelemetry SDK spans (step and attempt) with
   the same attributes Stroma sets, batch span processor, an exporter that drops everything;
 - ``execute_step``: Stroma with a contract, on an SDK configured the same way (plus its metrics);
@@ -11,7 +15,7 @@ Variants (µs per step, median of interleaved rounds):
   result is checked to be correct.
 
 Then memory: tracemalloc growth over 20,000 steps in consecutive runs (100 runs of 200 steps),
-after a warm-up, with telemetry on.
+after a warm-up, with telemetry on (each run's checkpoints cleared after it).
 
 Targets (issue "The OpenTelemetry-first reliability core"): execute_step within 1.3x of the
 floor; telemetry off within 4x of the validation pair; memory growth under 2 MB.
@@ -32,11 +36,20 @@ import tracemalloc
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from _floor import floor_step, providers
+from _floor import FloorCheckpoints, floor_step, providers
 from opentelemetry.sdk.trace import TracerProvider
 from pydantic import BaseModel
 
-from stroma import ContractRegistry, NodeContract, ReliabilityContext, RunConfig, RunStatus, execute_step
+from stroma import (
+    CheckpointManager,
+    ContractRegistry,
+    InMemoryStore,
+    NodeContract,
+    ReliabilityContext,
+    RunConfig,
+    RunStatus,
+    execute_step,
+)
 from stroma.telemetry import TelemetrySettings
 from stroma.telemetry import reset as reset_telemetry
 
@@ -70,26 +83,33 @@ async def time_loop(body: Callable[[], Awaitable[Any]], steps: int) -> float:
     return (time.perf_counter() - start) / steps * 1e6
 
 
-def make_floor(tracer_provider: TracerProvider) -> Callable[[], Awaitable[Any]]:
+def make_floor(tracer_provider: TracerProvider, checkpoints: FloorCheckpoints) -> Callable[[], Awaitable[Any]]:
     tracer = tracer_provider.get_tracer("floor")
+
+    def checkpoint(output: Any) -> None:
+        checkpoints.save("r", "answer", output)
 
     async def floor() -> Any:
         return await floor_step(
-            tracer, "answer", "r", lambda: Question.model_validate(QUESTION), step, Answer.model_validate
+            tracer, "answer", "r", lambda: Question.model_validate(QUESTION), step, Answer.model_validate, checkpoint
         )
 
     return floor
 
 
+MANAGER = CheckpointManager(InMemoryStore())
+
+
 def make_ctx(settings: TelemetrySettings | None) -> ReliabilityContext:
     config = RunConfig(telemetry=settings) if settings is not None else RunConfig()
-    return ReliabilityContext.for_run(config, ContractRegistry(), None)
+    return ReliabilityContext.for_run(config, ContractRegistry(), MANAGER)
 
 
 async def measure(steps: int, rounds: int) -> dict[str, float]:
     tracer_provider, meter_provider = providers()
     settings = TelemetrySettings(tracer_provider=tracer_provider, meter_provider=meter_provider)
-    floor = make_floor(tracer_provider)
+    checkpoints = FloorCheckpoints()
+    floor = make_floor(tracer_provider, checkpoints)
     # Steps run in runs of RUN_LENGTH steps, each with a fresh context (as a pipeline does):
     # a context keeps its run's trace, so one endless context would measure a growing heap.
     traced_ctx = make_ctx(settings)
@@ -101,7 +121,9 @@ async def measure(steps: int, rounds: int) -> dict[str, float]:
     async def validation_pair() -> Any:
         question = Question.model_validate(QUESTION)
         raw, *_ = await step(question)
-        return Answer.model_validate(raw)
+        answer = Answer.model_validate(raw)
+        checkpoints.save("r", "answer", answer)
+        return answer
 
     async def traced() -> Any:
         nonlocal traced_ctx, traced_count
@@ -158,6 +180,7 @@ async def memory_growth(total_steps: int = 20_000, steps_per_run: int = 200) -> 
             for _ in range(steps_per_run):
                 await execute_step("answer", step, QUESTION, ctx, contract=CONTRACT)
             ctx.build_result(RunStatus.COMPLETED, None)
+        await MANAGER.clear(ctx.run_id)  # an in-memory store keeps what it is given until cleared
 
     for _ in range(10):  # warm-up: caches, metric streams, span queue
         await one_run()

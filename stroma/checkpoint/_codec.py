@@ -11,9 +11,16 @@ A run manifest has ``"kind": "manifest"``, ``"step_id": null`` and ``"schema": n
 
 Rules (design §3 item 9, reliability scenario 15):
 
-- The checksum is SHA-256 over the canonical JSON of every other field (sorted keys, no spaces,
-  UTF-8), so a flipped byte, a truncated write, an edited payload or a checkpoint copied from
-  another run or step is detected. Without a key it is an integrity check, not a signature:
+- The stored text is UTF-8 JSON with the keys in sorted order and no spaces, so it starts with the
+  checksum member: ``{"checksum":"sha256:…",`` followed by the other fields. The checksum is
+  SHA-256 over exactly those stored bytes with the checksum member cut out (``{`` + the rest), so
+  a flipped byte, a truncated write, an edited payload or a checkpoint copied from another run or
+  step is detected, and verifying never re-encodes anything. The payload is the model's JSON as
+  pydantic-core's serializer writes it (``model_dump_json(by_alias=True, round_trip=True)``:
+  field order, not sorted), made once. Checkpoints written by earlier versions (payload keys
+  sorted too) have the same layout and verify the same way; text that does not start with the
+  checksum member (e.g. re-formatted by hand) is verified against the canonical JSON of its
+  fields, as earlier versions did. Without a key it is an integrity check, not a signature:
   someone who can write to the store can also recompute it (what such a writer can achieve is
   bounded by the next rule).
 - With a secret in ``STROMA_CHECKPOINT_KEY`` the checksum is keyed: ``"hmac-sha256:…"``, an
@@ -197,7 +204,14 @@ def _canonical(value: Any) -> bytes:
 
 
 def _checksum(body: Mapping[str, Any]) -> str:
-    return _CHECKSUM_PREFIX + hashlib.sha256(_canonical(body)).hexdigest()
+    return _seal_bytes(_canonical(body), None)
+
+
+def _seal_bytes(body: bytes, key: bytes | None) -> str:
+    """The checksum of *body* (the envelope's bytes without the checksum member)."""
+    if key is None:
+        return _CHECKSUM_PREFIX + hashlib.sha256(body).hexdigest()
+    return _KEYED_PREFIX + hmac.new(key, body, hashlib.sha256).hexdigest()
 
 
 def checkpoint_key() -> bytes | None:
@@ -208,29 +222,76 @@ def checkpoint_key() -> bytes | None:
 
 
 def _keyed_checksum(body: Mapping[str, Any], key: bytes) -> str:
-    return _KEYED_PREFIX + hmac.new(key, _canonical(body), hashlib.sha256).hexdigest()
+    return _seal_bytes(_canonical(body), key)
 
 
-def _seal(body: dict[str, Any], run_id: str, step_id: str | None) -> str:
-    key = checkpoint_key()
+def _not_json(run_id: str, step_id: str | None, exc: Exception) -> CheckpointError:
+    return CheckpointError(
+        f"cannot write {record(run_id, step_id)}: the data is not representable "
+        f"as JSON ({exc}); NaN and Infinity are not allowed",
+        run_id=run_id,
+        node_id=step_id,
+    )
+
+
+@functools.lru_cache(maxsize=512)
+def _schema_member(model: type[BaseModel]) -> bytes:
+    """``"schema":{"fingerprint":…,"name":…}`` for *model* (cached with its fingerprint)."""
+    return b'"schema":' + _canonical({"name": schema_name(model), "fingerprint": schema_fingerprint(model)})
+
+
+@functools.lru_cache(maxsize=256)
+def _json_string(text: str) -> bytes:
+    """*text* as a JSON string in UTF-8 (ids repeat from checkpoint to checkpoint: cached, bounded)."""
+    return _canonical(text)
+
+
+def _envelope(kind: str, run_id: str, step_id: str | None, payload: bytes, schema: bytes) -> bytes:
+    """The sealed envelope as bytes, keys in sorted order, from an already encoded *payload*.
+
+    Raises ``ValueError`` when an id is not encodable as UTF-8 (lone surrogates).
+    """
+    body = b"".join(
+        (
+            b'{"format":"' + FORMAT.encode() + b'","kind":"' + kind.encode() + b'","payload":',
+            payload,
+            b',"run_id":',
+            _json_string(run_id),
+            b',"saved_at":',
+            float.__repr__(time.time()).encode("ascii"),  # how JSON writes a finite float
+            b",",
+            schema,
+            b',"step_id":',
+            b"null" if step_id is None else _json_string(step_id),
+            b',"version":' + str(FORMAT_VERSION).encode() + b"}",
+        )
+    )
+    checksum = _seal_bytes(body, checkpoint_key())
+    return b'{"checksum":"' + checksum.encode("ascii") + b'",' + body[1:]
+
+
+def _model_json(state: BaseModel, run_id: str, step_id: str) -> bytes:
+    """*state*'s JSON bytes from pydantic-core, refusing non-finite floats as the format requires."""
     try:
-        checksum = _checksum(body) if key is None else _keyed_checksum(body, key)
-    except (TypeError, ValueError) as exc:
+        payload = state.__pydantic_serializer__.to_json(state, by_alias=True, round_trip=True)
+    except PydanticSerializationError as exc:
         raise CheckpointError(
-            f"cannot write {record(run_id, step_id)}: the data is not representable "
-            f"as JSON ({exc}); NaN and Infinity are not allowed",
+            f"cannot write {record(run_id, step_id)}: {type(state).__name__} cannot be serialised to JSON ({exc})",
             run_id=run_id,
             node_id=step_id,
         ) from exc
-    return _canonical({**body, "checksum": checksum}).decode("utf-8")
+    if b"null" in payload or b"NaN" in payload or b"Infinity" in payload:
+        # pydantic-core writes NaN / Infinity as null (or as constants, by model config): where
+        # either may have happened, check the values the slow way so none is stored changed.
+        try:
+            _canonical(state.model_dump(mode="json", by_alias=True, round_trip=True))
+        except (TypeError, ValueError, PydanticSerializationError) as exc:
+            raise _not_json(run_id, step_id, exc) from exc
+    return payload
 
 
-def encode_step(run_id: str, step_id: str, state: BaseModel, schema: type[BaseModel] | None = None) -> str:
-    """Serialise *state* (coerced to *schema* when given) into a sealed envelope.
-
-    Raises ``TypeError`` / ``ValueError`` for malformed ids or a non-model *state*, and
-    :class:`CheckpointError` when the state cannot be coerced to *schema* or represented as JSON.
-    """
+def encode_step_bytes(run_id: str, step_id: str, state: BaseModel, schema: type[BaseModel] | None = None) -> bytes:
+    """:func:`encode_step` as UTF-8 bytes (what an in-process store keeps, with no decoding)."""
     check_run_id(run_id)
     check_step_id(step_id)
     if not isinstance(state, BaseModel):
@@ -239,25 +300,20 @@ def encode_step(run_id: str, step_id: str, state: BaseModel, schema: type[BaseMo
     if type(state) is not model:
         # Exact type: a subclass would store fields that *schema* may reject when loading.
         state = _revalidate(state, model, run_id, step_id, action="write")
+    payload = _model_json(state, run_id, step_id)
     try:
-        payload = state.model_dump(mode="json", by_alias=True, round_trip=True)
-    except PydanticSerializationError as exc:
-        raise CheckpointError(
-            f"cannot write {record(run_id, step_id)}: {type(state).__name__} cannot be serialised to JSON ({exc})",
-            run_id=run_id,
-            node_id=step_id,
-        ) from exc
-    body = {
-        "format": FORMAT,
-        "version": FORMAT_VERSION,
-        "kind": KIND_STEP,
-        "run_id": run_id,
-        "step_id": step_id,
-        "saved_at": time.time(),
-        "schema": {"name": schema_name(model), "fingerprint": schema_fingerprint(model)},
-        "payload": payload,
-    }
-    return _seal(body, run_id, step_id)
+        return _envelope(KIND_STEP, run_id, step_id, payload, _schema_member(model))
+    except (TypeError, ValueError) as exc:
+        raise _not_json(run_id, step_id, exc) from exc
+
+
+def encode_step(run_id: str, step_id: str, state: BaseModel, schema: type[BaseModel] | None = None) -> str:
+    """Serialise *state* (coerced to *schema* when given) into a sealed envelope.
+
+    Raises ``TypeError`` / ``ValueError`` for malformed ids or a non-model *state*, and
+    :class:`CheckpointError` when the state cannot be coerced to *schema* or represented as JSON.
+    """
+    return encode_step_bytes(run_id, step_id, state, schema).decode("utf-8")
 
 
 def encode_manifest(run_id: str, manifest: Mapping[str, Any]) -> str:
@@ -269,17 +325,10 @@ def encode_manifest(run_id: str, manifest: Mapping[str, Any]) -> str:
     check_run_id(run_id)
     if not isinstance(manifest, Mapping) or not all(isinstance(key, str) for key in manifest):
         raise TypeError("a run manifest must be a mapping with str keys (a JSON object)")
-    body = {
-        "format": FORMAT,
-        "version": FORMAT_VERSION,
-        "kind": KIND_MANIFEST,
-        "run_id": run_id,
-        "step_id": None,
-        "saved_at": time.time(),
-        "schema": None,
-        "payload": dict(manifest),
-    }
-    return _seal(body, run_id, None)
+    try:
+        return _envelope(KIND_MANIFEST, run_id, None, _canonical(dict(manifest)), b'"schema":null').decode("utf-8")
+    except (TypeError, ValueError) as exc:
+        raise _not_json(run_id, None, exc) from exc
 
 
 # --- decoding ------------------------------------------------------------------------------------
@@ -313,13 +362,19 @@ def open_envelope(raw: str | bytes | bytearray, run_id: str, step_id: str | None
             node_id=step_id,
         )
 
+    data: bytes | None
     if isinstance(raw, (bytes, bytearray)):
+        data = bytes(raw)
         try:
-            text = bytes(raw).decode("utf-8")
+            text = data.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise fail("is not UTF-8 text (corrupt data)") from exc
     else:
         text = raw
+        try:
+            data = raw.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates: a str that was never UTF-8
+            data = None
     try:
         envelope = json.loads(text, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as exc:
@@ -346,7 +401,7 @@ def open_envelope(raw: str | bytes | bytearray, run_id: str, step_id: str | None
     if key is None and keyed:
         raise fail(f"is signed with a checkpoint key; set {KEY_ENV} to the key it was written with")
     try:
-        actual = _checksum(envelope) if key is None else _keyed_checksum(envelope, key)
+        actual = _verify_checksum(data, stored_checksum, envelope, key)
     except (TypeError, ValueError) as exc:  # e.g. lone surrogates from a str that was never UTF-8
         raise fail("cannot be re-encoded for verification (corrupt text)") from exc
     if not hmac.compare_digest(stored_checksum.encode("utf-8", "replace"), actual.encode("ascii")):
@@ -359,6 +414,17 @@ def open_envelope(raw: str | bytes | bytearray, run_id: str, step_id: str | None
     if envelope["run_id"] != run_id or envelope["step_id"] != step_id:
         raise fail(f"belongs to {_place(str(envelope['run_id']), envelope['step_id'])} (copied or misplaced data)")
     return envelope
+
+
+def _verify_checksum(data: bytes | None, stored: str, envelope: Mapping[str, Any], key: bytes | None) -> str:
+    """The checksum the stored bytes should carry: over the bytes after the leading checksum
+    member when the text has that layout (everything this format writes), else over the
+    canonical JSON of the other fields (text re-formatted since it was written)."""
+    if data is not None:
+        member = b'{"checksum":' + _canonical(stored) + b","
+        if data.startswith(member):
+            return _seal_bytes(b"{" + data[len(member) :], key)
+    return _seal_bytes(_canonical(envelope), key)
 
 
 def _stored_schema(envelope: Mapping[str, Any]) -> tuple[str, str]:

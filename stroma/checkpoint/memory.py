@@ -25,8 +25,9 @@ from stroma.checkpoint._protocols import require_model_class
 
 @dataclass
 class _RunRecord:
-    # step id -> (sealed envelope, the model class it was saved as); dicts keep first-insertion order
-    steps: dict[str, tuple[str, type[BaseModel]]] = field(default_factory=dict)
+    # step id -> (sealed envelope as UTF-8 bytes, the model class it was saved as); dicts keep
+    # first-insertion order
+    steps: dict[str, tuple[bytes, type[BaseModel]]] = field(default_factory=dict)
     manifest: str | None = None
 
 
@@ -45,11 +46,11 @@ class InMemoryStore:
         self._runs: dict[str, _RunRecord] = {}
         self._lock = threading.Lock()
 
-    def _put(self, run_id: str, node_id: str, text: str, model: type[BaseModel]) -> None:
+    def _put(self, run_id: str, node_id: str, text: bytes, model: type[BaseModel]) -> None:
         with self._lock:
             self._runs.setdefault(run_id, _RunRecord()).steps[node_id] = (text, model)
 
-    def _get(self, run_id: str, node_id: str) -> tuple[str, type[BaseModel]] | None:
+    def _get(self, run_id: str, node_id: str) -> tuple[bytes, type[BaseModel]] | None:
         _codec.check_run_id(run_id)
         _codec.check_step_id(node_id)
         with self._lock:
@@ -58,12 +59,12 @@ class InMemoryStore:
 
     def save(self, run_id: str, node_id: str, state: BaseModel) -> None:
         """Store *state*; ``load()`` later returns an instance of ``type(state)``."""
-        self._put(run_id, node_id, _codec.encode_step(run_id, node_id, state), type(state))
+        self._put(run_id, node_id, _codec.encode_step_bytes(run_id, node_id, state), type(state))
 
     def save_typed(self, run_id: str, node_id: str, state: BaseModel, schema: type[BaseModel]) -> None:
         """Store *state* coerced to *schema*; raises ``CheckpointError`` when it does not validate."""
         require_model_class(schema)
-        self._put(run_id, node_id, _codec.encode_step(run_id, node_id, state, schema), schema)
+        self._put(run_id, node_id, _codec.encode_step_bytes(run_id, node_id, state, schema), schema)
 
     def load(self, run_id: str, node_id: str) -> BaseModel | None:
         """Return a fresh instance of the class the checkpoint was saved as, or ``None``."""

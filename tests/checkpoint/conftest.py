@@ -40,16 +40,15 @@ def _memory_raw(inner: InMemoryStore) -> tuple[Callable[..., Any], Callable[...,
         if record is None:
             return None
         text = record.manifest if step_id is None else record.steps.get(step_id, (None, None))[0]
-        return None if text is None else text.encode()
+        return text.encode() if isinstance(text, str) else text
 
     def put(run_id: str, step_id: str | None, raw: bytes) -> None:
         record = inner._runs[run_id]
-        # the in-memory store keeps text; undecodable bytes are kept as their escaped form
-        text = raw.decode("utf-8", errors="surrogateescape")
         if step_id is None:
-            record.manifest = text
+            # the in-memory store keeps manifests as text; undecodable bytes as their escaped form
+            record.manifest = raw.decode("utf-8", errors="surrogateescape")
         else:
-            record.steps[step_id] = (text, record.steps[step_id][1])
+            record.steps[step_id] = (raw, record.steps[step_id][1])  # step checkpoints as bytes
 
     return get, put
 
