@@ -6,9 +6,9 @@ each import their framework; install the matching extra.
 
 The protocols (:class:`FrameworkAdapter`, :class:`StepInterceptor`, :class:`LoopAdapter`,
 :class:`TurnAdapter`) import with no framework installed. The LangGraph names
-(``LangGraphAdapter``, ``stroma_langgraph_node``, ``reliable_node``, ``stroma_config``) load
-``stroma.adapters.langgraph`` on first access, which needs ``pip install 'stroma[langgraph]'``;
-``import stroma`` itself never imports a framework.
+(``LangGraphAdapter``, ``stroma_langgraph_node``, ``reliable_node``, ``reliable_graph``,
+``stroma_config``) load ``stroma.adapters.langgraph`` on first access, which needs
+``pip install 'stroma[langgraph]'``; ``import stroma`` itself never imports a framework.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ __all__ = [
     "LoopAdapter",
     "StepInterceptor",
     "TurnAdapter",
+    "reliable_graph",
     "reliable_node",
     "stroma_config",
     "stroma_langgraph_node",
@@ -35,6 +36,7 @@ _LANGGRAPH_NAMES = frozenset(
         "StepNotCompleted",
         "arun_graph",
         "reliable_node",
+        "reliable_graph",
         "run_graph",
         "stroma_config",
         "stroma_langgraph_node",

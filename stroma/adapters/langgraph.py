@@ -42,6 +42,7 @@ nodes running at the same time under a cost or token budget (the gate waits on o
 from __future__ import annotations
 
 import asyncio
+import copy as copy_module
 import dataclasses
 import functools
 import inspect
@@ -70,6 +71,7 @@ __all__ = [
     "StepNotCompleted",
     "arun_graph",
     "extract_state_dict",
+    "reliable_graph",
     "reliable_node",
     "run_graph",
     "stroma_config",
@@ -461,6 +463,41 @@ class LangGraphAdapter:
             wrapped = reliable_node(func, step_id=node_name)
             specs[node_name] = dataclasses.replace(spec, runnable=_coerce(wrapped, node_name))
         return graph
+
+
+def reliable_graph(compiled: Any, *, nodes: str | list[str] = "all") -> Any:
+    """A copy of an already compiled graph whose *nodes* are Stroma steps; *compiled* is unchanged.
+
+    For graphs a library builds and compiles for you, such as a DeepAgents agent
+    (``create_deep_agent(...)``) or a LangChain ``create_agent`` agent: each call of their
+    ``"model"`` node is then one step (the run's budget is checked before every model call, and
+    the call's usage is read from the ``AIMessage`` it returns or from its GenAI span), and each
+    tool call sent to ``"tools"`` is one step. *nodes* is as in :meth:`LangGraphAdapter.wrap`
+    (``"all"`` by default; pass e.g. ``["model", "tools"]`` to leave middleware nodes alone).
+    The copy is compiled from the graph's builder with the same checkpointer, store, cache,
+    interrupts, name and default config. Raises :class:`~stroma.errors.ConfigurationError` for
+    anything that is not a compiled ``StateGraph``.
+    """
+    builder = getattr(compiled, "builder", None)
+    if not isinstance(builder, StateGraph):
+        raise ConfigurationError(
+            f"reliable_graph takes a compiled StateGraph (e.g. a deep agent), got {type(compiled).__name__}; "
+            "for a StateGraph before compile() use LangGraphAdapter().wrap(builder)"
+        )
+    copy = copy_module.copy(builder)
+    copy.nodes = dict(builder.nodes)
+    LangGraphAdapter().wrap(copy, nodes=nodes)
+    recompiled = copy.compile(
+        checkpointer=compiled.checkpointer,
+        cache=compiled.cache,
+        store=compiled.store,
+        interrupt_before=compiled.interrupt_before_nodes or None,
+        interrupt_after=compiled.interrupt_after_nodes or None,
+        debug=compiled.debug,
+        name=compiled.name,
+        transformers=getattr(compiled, "stream_transformers", None) or None,
+    )
+    return recompiled.with_config(compiled.config) if compiled.config else recompiled
 
 
 def _node_function(runnable: Any) -> Callable[..., Any] | None:
