@@ -18,20 +18,30 @@ What Stroma sees, through Pydantic AI's own extension point (a capability, no pa
   ``PARTIAL`` with the budget breach (one step can make many requests: the budget holds inside
   it, not only between steps).
 
-Fallback is expressed once: either Stroma's :class:`~stroma.cost.FallbackPolicy` (run the agent
-with ``model=stroma.current_model(...)`` resolved to your model) or Pydantic AI's
-``FallbackModel`` / ``ModelFallback``, never both on one step: :func:`run_agent` refuses an agent
-whose model is a ``FallbackModel`` when the run also has model fallbacks configured.
+Fallback is expressed once, with one owner per run:
+
+* Stroma's :class:`~stroma.cost.FallbackPolicy` (``RunConfig.model_fallbacks``): give
+  :func:`run_agent` the models by the names the policies use,
+  ``run_agent(agent, prompt, ctx, model="gpt-4o", models={"gpt-4o": primary, "gpt-4o-mini": backup})``;
+  each attempt runs the agent with ``models[stroma.current_model(model)]``, so once a policy
+  applies (its budget threshold is crossed, or an attempt failed with a class it names) the next
+  attempt runs on the fallback model, and the step span records the switch;
+* or Pydantic AI's ``FallbackModel``, which switches inside one attempt.
+
+Never both: :func:`run_agent` raises :class:`~stroma.errors.ConfigurationError` when the run has
+Stroma model fallbacks and the agent's model (or a model given to :func:`run_agent`) is a
+``FallbackModel``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from pydantic_ai.capabilities import AbstractCapability
 from pydantic_ai.models.fallback import FallbackModel
 
-from stroma import execute_step, report_usage
+from stroma import current_model, execute_step, report_usage
 from stroma.adapters.budget import check_call_budget
 from stroma.context import ReliabilityContext
 from stroma.errors import ConfigurationError
@@ -73,20 +83,57 @@ class StromaCapability(AbstractCapability[Any]):
 
 
 async def run_agent(
-    agent: Any, user_prompt: Any, ctx: ReliabilityContext, *, step_id: str = "agent", **run_kwargs: Any
+    agent: Any,
+    user_prompt: Any,
+    ctx: ReliabilityContext,
+    *,
+    step_id: str = "agent",
+    model: Any = None,
+    models: Mapping[str, Any] | None = None,
+    **run_kwargs: Any,
 ) -> ExecutionResult:
     """Run ``agent.run(user_prompt, **run_kwargs)`` as the step *step_id*; ``final_state`` is the
-    agent's output. Failures of the run are classified and retried by Stroma like any step's."""
-    if isinstance(getattr(agent, "model", None), FallbackModel) and ctx.model_fallbacks:
+    agent's output. Failures of the run are classified and retried by Stroma like any step's.
+
+    *model* is passed to ``agent.run`` (a Pydantic AI model or model name; ``None`` = the agent's
+    own). With *models* (Stroma model names, as in ``FallbackPolicy``, to Pydantic AI models),
+    *model* names the preferred one and each attempt runs on ``models[current_model(model)]``,
+    so Stroma's fallback policies choose the model. Raises
+    :class:`~stroma.errors.ConfigurationError` when *model* or a fallback of it is missing from
+    *models*, or when a ``FallbackModel`` meets Stroma model fallbacks (fallback expressed twice).
+    """
+    if models is not None:
+        _check_models(step_id, model, models, ctx)
+    candidates = [getattr(agent, "model", None), model, *(models or {}).values()]
+    if ctx.model_fallbacks and any(isinstance(candidate, FallbackModel) for candidate in candidates):
         raise ConfigurationError(
-            f"step {step_id!r}: the agent's model is a FallbackModel and the run has Stroma model fallbacks; "
-            "express fallback once (remove one of them)"
+            f"step {step_id!r}: the agent's model is a FallbackModel and the run has Stroma model fallbacks "
+            "(RunConfig.model_fallbacks); express fallback once: remove one of them"
         )
     extra = list(run_kwargs.pop("capabilities", None) or ())
 
     async def body(prompt: Any) -> Any:
         capability = StromaCapability(ctx, step_id)
+        chosen = model
+        if models is not None:
+            chosen = models[current_model(model) or model]
+        if chosen is not None:
+            run_kwargs["model"] = chosen
         result = await agent.run(prompt, capabilities=[*extra, capability], **run_kwargs)
         return result.output
 
     return await execute_step(step_id, body, user_prompt, ctx)
+
+
+def _check_models(step_id: str, model: Any, models: Mapping[str, Any], ctx: ReliabilityContext) -> None:
+    if not isinstance(model, str) or model not in models:
+        raise ConfigurationError(
+            f"run_agent step {step_id!r}: with models=..., model= must name one of them "
+            f"({', '.join(map(repr, models))}), got {model!r}"
+        )
+    for policy in ctx.model_fallbacks:
+        if policy.preferred_model == model and policy.fallback_model not in models:
+            raise ConfigurationError(
+                f"run_agent step {step_id!r}: the run falls back from {model!r} to {policy.fallback_model!r}, "
+                f"which is not in models= ({', '.join(map(repr, models))})"
+            )

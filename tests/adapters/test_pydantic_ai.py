@@ -154,6 +154,95 @@ async def test_pydantic_ai_fallback_model_is_one_step_and_stroma_fallback_is_ref
         await run_agent(agent, "hi", both, step_id="ask")
 
 
+def two_models(primary: Any, backup: Any) -> dict[str, FunctionModel]:
+    return {
+        "gpt-4o": FunctionModel(primary, model_name="gpt-4o"),
+        "gpt-4o-mini": FunctionModel(backup, model_name="gpt-4o-mini"),
+    }
+
+
+async def test_stroma_fallback_policy_switches_the_agents_model_after_a_failure() -> None:
+    from pydantic_ai.exceptions import ModelHTTPError
+
+    from stroma.telemetry import names as n
+    from stroma.testing import TelemetryCapture
+
+    asked: list[str] = []
+
+    def primary(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        asked.append("gpt-4o")
+        raise ModelHTTPError(503, "gpt-4o", "overloaded")
+
+    def backup(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        asked.append("gpt-4o-mini")
+        return response(TextPart("from backup"), tokens=(400, 40))
+
+    capture = TelemetryCapture()
+    try:
+        policy = FallbackPolicy("gpt-4o", "gpt-4o-mini", on_failure=["recoverable"])
+        ctx = new_ctx(model_fallbacks=[policy], telemetry=capture.settings)
+        agent = Agent(name="support")  # the model comes from Stroma's choice, per attempt
+        result = await run_agent(agent, "hi", ctx, step_id="ask", model="gpt-4o", models=two_models(primary, backup))
+        assert result.status is RunStatus.COMPLETED and result.final_state == "from backup"
+        assert asked == ["gpt-4o", "gpt-4o-mini"]  # attempt 1 on the preferred model, attempt 2 on the fallback
+        assert [e.attempt for e in result.trace] == [1, 2]
+        assert result.total_tokens == 440
+        assert result.total_cost_usd == pytest.approx(pricing.cost_usd("gpt-4o-mini", 400, 40)[0])
+        (step,) = capture.spans_named("step")
+        assert step.attributes[n.FALLBACK_FROM_MODEL] == "gpt-4o"
+        assert step.attributes[n.FALLBACK_TO_MODEL] == "gpt-4o-mini"
+        assert step.attributes[n.FALLBACK_REASON] == n.FALLBACK_REASON_ERROR
+    finally:
+        capture.shutdown()
+
+
+async def test_stroma_budget_threshold_fallback_moves_the_next_agent_step_to_the_cheaper_model() -> None:
+    used: list[str] = []
+
+    def answering_as(name: str) -> Any:
+        def answer(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+            used.append(name)
+            return ModelResponse(parts=[TextPart("ok")], usage=RequestUsage(input_tokens=1000, output_tokens=100))
+
+        return answer
+
+    models = {name: FunctionModel(answering_as(name), model_name=name) for name in ("gpt-4o", "gpt-4o-mini")}
+    # gpt-4o for (1000, 100) costs about $0.0035: more than half of $0.006
+    policy = FallbackPolicy("gpt-4o", "gpt-4o-mini", at_budget_pct=0.5)
+    ctx = new_ctx(model_fallbacks=[policy], budget=ExecutionBudget(max_cost_usd=0.006))
+    agent = Agent(name="writer")
+    with ctx.as_run():
+        first = await run_agent(agent, "draft", ctx, step_id="draft", model="gpt-4o", models=models)
+        second = await run_agent(agent, "polish", ctx, step_id="polish", model="gpt-4o", models=models)
+    assert first.status is RunStatus.COMPLETED and second.status is RunStatus.COMPLETED
+    assert used == ["gpt-4o", "gpt-4o-mini"]
+    assert ctx.total_cost == pytest.approx(
+        pricing.cost_usd("gpt-4o", 1000, 100)[0] + pricing.cost_usd("gpt-4o-mini", 1000, 100)[0]
+    )
+
+
+async def test_fallback_expressed_twice_or_incompletely_is_refused() -> None:
+    def ok(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        return response(TextPart("ok"))
+
+    policy = FallbackPolicy("gpt-4o", "gpt-4o-mini", on_failure=["recoverable"])
+    agent = Agent(name="a")
+    with pytest.raises(ConfigurationError, match="once"):
+        await run_agent(
+            agent,
+            "hi",
+            new_ctx(model_fallbacks=[policy]),
+            model="gpt-4o",
+            models={"gpt-4o": FallbackModel(FunctionModel(ok), FunctionModel(ok)), "gpt-4o-mini": FunctionModel(ok)},
+        )
+    with pytest.raises(ConfigurationError, match="'gpt-4o-mini', which is not in models"):
+        await run_agent(
+            agent, "hi", new_ctx(model_fallbacks=[policy]), model="gpt-4o", models={"gpt-4o": FunctionModel(ok)}
+        )
+    with pytest.raises(ConfigurationError, match="must name one of them"):
+        await run_agent(agent, "hi", new_ctx(), model="claude", models={"gpt-4o": FunctionModel(ok)})
+
+
 async def test_capability_in_a_step_of_ones_own_with_test_model() -> None:
     from stroma import execute_step
 

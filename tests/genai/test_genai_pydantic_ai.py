@@ -69,3 +69,52 @@ async def test_instrumented_agent_usage_comes_from_its_spans(capture: TelemetryC
     assert attempt.attributes[n.USAGE_SOURCE] == "spans"
     assert len([e for e in attempt.events if e.name == n.EVENT_MODEL_CALL]) == 2
     assert capture.metric_total(n.METRIC_INPUT_TOKENS, stroma_step_id="rate") == 183
+
+
+@pytest.mark.parametrize(
+    ("usage_source", "counted_from"),
+    [("auto", n.USAGE_SOURCE_EXPLICIT), ("explicit", n.USAGE_SOURCE_EXPLICIT), ("spans", n.USAGE_SOURCE_SPANS)],
+)
+async def test_capability_and_instrumentation_together_count_each_call_once(
+    capture: TelemetryCapture, usage_source: str, counted_from: str
+) -> None:
+    """Stroma's capability reports each response and Pydantic AI's instrumentation makes a chat
+    span for it: whichever source wins for the attempt, each model call is counted once."""
+    import dataclasses
+
+    from stroma.adapters.pydantic_ai import run_agent
+
+    calls = 0
+
+    def model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        nonlocal calls
+        calls += 1
+        args = {"score": -1 if calls == 1 else 4}
+        return ModelResponse(
+            parts=[ToolCallPart(info.output_tools[0].name, args)],
+            usage=RequestUsage(input_tokens=61 * calls, output_tokens=5),
+            model_name="gpt-4o-mini",
+        )
+
+    agent = Agent(
+        FunctionModel(model, model_name="gpt-4o-mini"),
+        output_type=Rating,
+        capabilities=[Instrumentation(settings=InstrumentationSettings(tracer_provider=capture.tracer_provider))],
+    )
+
+    @agent.output_validator
+    def positive(rating: Rating) -> Rating:
+        if rating.score < 0:
+            raise ModelRetry("positive please")
+        return rating
+
+    settings = dataclasses.replace(capture.settings, usage_source=usage_source)
+    ctx = run_ctx(capture, telemetry=settings)
+    result = await run_agent(agent, "rate this", ctx, step_id="rate")
+    assert result.status is RunStatus.COMPLETED and calls == 2
+    assert (result.input_tokens, result.output_tokens) == (61 + 122, 10)
+    (attempt,) = capture.spans_named("attempt")
+    assert len([s for s in capture.spans() if s.name.startswith("chat")]) == 2  # the instrumentation ran
+    assert attempt.attributes[n.USAGE_SOURCE] == counted_from
+    assert capture.metric_total(n.METRIC_INPUT_TOKENS, stroma_step_id="rate") == 183
+    assert capture.metric_total(n.METRIC_OUTPUT_TOKENS, stroma_step_id="rate") == 10
