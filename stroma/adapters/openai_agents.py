@@ -3,8 +3,10 @@
 What a user writes::
 
     result = await run_agent(agent, "Where is my refund?", ctx, step_id="support")
+    result = await run_agent_streamed(agent, "Where is my refund?", ctx, step_id="support", on_event=show)
 
-or, inside a step of their own, ``await Runner.run(agent, prompt, hooks=StromaRunHooks(ctx, "support"))``.
+or, inside a step of their own, ``await Runner.run(agent, prompt, hooks=StromaRunHooks(ctx, "support"))``
+(``Runner.run_streamed`` takes the same hooks).
 
 The SDK has its own tracing, not OpenTelemetry, so Stroma joins through its run hooks:
 
@@ -17,11 +19,16 @@ The SDK has its own tracing, not OpenTelemetry, so Stroma joins through its run 
   name and whether it finished), so tool calls show in the trace.
 
 A run that raises is classified and retried by Stroma like any step; the usage of its model
-calls so far is charged.
+calls so far is charged. A streamed run (:func:`run_agent_streamed`) goes through the same hooks:
+its events are handed to ``on_event`` as they arrive and the step ends when the stream does, so
+every call of the run is charged to the step's attempt (a retried attempt streams again from
+the start; ``on_event`` sees both).
 """
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from typing import Any
 
 from agents import Agent, RunHooks, Runner
@@ -33,7 +40,7 @@ from stroma.context import ReliabilityContext
 from stroma.pricing import cost_usd
 from stroma.trace import ExecutionResult
 
-__all__ = ["EVENT_TOOL_CALL", "StromaRunHooks", "run_agent"]
+__all__ = ["EVENT_TOOL_CALL", "StromaRunHooks", "run_agent", "run_agent_streamed"]
 
 EVENT_TOOL_CALL = "stroma.tool_call"
 """Span event added to the attempt span for each tool call (attributes: tool name, phase)."""
@@ -101,5 +108,40 @@ async def run_agent(
         hooks = StromaRunHooks(ctx, step_id)
         result = await Runner.run(agent, prompt, hooks=hooks, **run_kwargs)
         return result.final_output
+
+    return await execute_step(step_id, body, user_input, ctx)
+
+
+async def run_agent_streamed(
+    agent: Agent[Any],
+    user_input: Any,
+    ctx: ReliabilityContext,
+    *,
+    step_id: str = "agent",
+    on_event: Callable[[Any], Any] | None = None,
+    **run_kwargs: Any,
+) -> ExecutionResult:
+    """Run ``Runner.run_streamed(agent, user_input, **run_kwargs)`` as the step *step_id* and
+    consume its events, passing each to *on_event* (a function or coroutine function);
+    ``final_state`` is the run's ``final_output``.
+
+    Usage, the budget before each model call and tool-call events are as in :func:`run_agent`.
+    When the run or *on_event* raises, the streamed run is cancelled and the attempt fails
+    with that exception (a budget breach ends the step ``PARTIAL``).
+    """
+
+    async def body(prompt: Any) -> Any:
+        hooks = StromaRunHooks(ctx, step_id)
+        streamed = Runner.run_streamed(agent, prompt, hooks=hooks, **run_kwargs)
+        try:
+            async for event in streamed.stream_events():
+                if on_event is not None:
+                    handled = on_event(event)
+                    if inspect.isawaitable(handled):
+                        await handled
+        except BaseException:
+            streamed.cancel()
+            raise
+        return streamed.final_output
 
     return await execute_step(step_id, body, user_input, ctx)

@@ -3,7 +3,7 @@ budget checked before each call, tool calls as events on the attempt span."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -18,18 +18,24 @@ from stroma import (
     RunStatus,
     pricing,
 )
+from stroma.telemetry import names as n
 from stroma.testing import TelemetryCapture
 
 pytest.importorskip("agents")
 
 from agents import Agent, Model, ModelResponse, Usage, function_tool, set_tracing_disabled
 from openai.types.responses import (
+    Response,
+    ResponseCompletedEvent,
     ResponseFunctionToolCall,
+    ResponseOutputItemDoneEvent,
     ResponseOutputMessage,
     ResponseOutputText,
+    ResponseUsage,
 )
+from openai.types.responses.response_usage import InputTokensDetails, OutputTokensDetails
 
-from stroma.adapters.openai_agents import EVENT_TOOL_CALL, run_agent
+from stroma.adapters.openai_agents import EVENT_TOOL_CALL, run_agent, run_agent_streamed
 
 FAST = {
     FailureClass.RECOVERABLE: FailurePolicy(max_retries=1, backoff_seconds=0.0),
@@ -75,6 +81,7 @@ class ScriptedModel(Model):
         self.script = list(script)
         self.tokens = tokens
         self.calls = 0
+        self.streamed = 0
 
     async def get_response(self, *args: Any, **kwargs: Any) -> ModelResponse:
         self.calls += 1
@@ -85,8 +92,37 @@ class ScriptedModel(Model):
         usage.total_tokens = sum(self.tokens)
         return ModelResponse(output=step, usage=usage, response_id=None)
 
-    def stream_response(self, *args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError
+    async def stream_response(self, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        """The same script as a stream: the output items as they finish, then the completed
+        response with its usage (what the Responses API streams)."""
+        self.calls += 1
+        self.streamed += 1
+        step = self.script.pop(0) if self.script else [text("done")]
+        if isinstance(step, Exception):
+            raise step
+        for index, item in enumerate(step):
+            yield ResponseOutputItemDoneEvent(
+                item=item, output_index=index, sequence_number=index, type="response.output_item.done"
+            )
+        usage = ResponseUsage(
+            input_tokens=self.tokens[0],
+            output_tokens=self.tokens[1],
+            total_tokens=sum(self.tokens),
+            input_tokens_details=InputTokensDetails(cached_tokens=0, cache_write_tokens=0),
+            output_tokens_details=OutputTokensDetails(reasoning_tokens=0),
+        )
+        done = Response(
+            id=f"resp-{self.calls}",
+            created_at=0,
+            model=self.model or "scripted",
+            object="response",
+            output=step,
+            tool_choice="auto",
+            tools=[],
+            parallel_tool_calls=True,
+            usage=usage,
+        )
+        yield ResponseCompletedEvent(response=done, sequence_number=len(step), type="response.completed")
 
 
 @function_tool
@@ -148,6 +184,55 @@ async def test_a_failed_run_is_retried_and_its_usage_charged() -> None:
     assert result.status is RunStatus.COMPLETED and result.final_state == "ok"
     assert [e.attempt for e in result.trace] == [1, 2]
     assert result.total_tokens == 240  # the first run's call before it failed, and the retry's
+
+
+async def test_streamed_run_usage_per_call_tool_events_and_events_handed_on(capture: TelemetryCapture) -> None:
+    model = ScriptedModel([tool_call("lookup", 1)], [tool_call("lookup", 2)], [text("the answer")], model="gpt-4o-mini")
+    agent = Agent(name="support", model=model, tools=[lookup])
+    ctx = new_ctx(capture)
+    seen: list[str] = []
+
+    async def on_event(event: Any) -> None:
+        seen.append(getattr(getattr(event, "item", None), "type", None) or event.type)
+
+    result = await run_agent_streamed(agent, "question", ctx, step_id="support", on_event=on_event)
+    assert result.status is RunStatus.COMPLETED and result.final_state == "the answer"
+    assert model.streamed == 3  # every call went through stream_response
+    assert (result.input_tokens, result.output_tokens) == (300, 60)
+    assert result.total_cost_usd == pytest.approx(pricing.cost_usd("gpt-4o-mini", 300, 60)[0])
+    assert seen.count("tool_call_item") == 2 and seen.count("tool_call_output_item") == 2
+    (attempt,) = capture.spans_named("attempt")
+    phases = [dict(e.attributes or {})["stroma.tool_call.phase"] for e in attempt.events if e.name == EVENT_TOOL_CALL]
+    assert phases == ["start", "end", "start", "end"]
+    assert capture.metric_total(n.METRIC_INPUT_TOKENS, stroma_step_id="support") == 300
+
+
+async def test_streamed_run_budget_is_checked_before_each_model_call() -> None:
+    model = ScriptedModel(*[[tool_call("lookup", i)] for i in range(10)])
+    agent = Agent(name="loop", model=model, tools=[lookup])
+    ctx = new_ctx(budget=ExecutionBudget(max_tokens_total=300))
+    result = await run_agent_streamed(agent, "go", ctx, step_id="loop")
+    assert model.streamed == 3  # 120 tokens each: the fourth call would start at 360 >= 300
+    assert result.status is RunStatus.PARTIAL
+    assert result.failed_step == "loop"
+    assert result.total_tokens == 360
+    assert ctx.breaches[0].dimension == "tokens"
+
+
+async def test_streamed_run_that_fails_is_retried_and_charged() -> None:
+    model = ScriptedModel([tool_call("lookup", 1)], ConnectionError("api down"), [text("ok")])
+    agent = Agent(name="flaky", model=model, tools=[lookup])
+    events = 0
+
+    def count(event: Any) -> None:
+        nonlocal events
+        events += 1
+
+    result = await run_agent_streamed(agent, "go", new_ctx(), step_id="flaky", on_event=count)
+    assert result.status is RunStatus.COMPLETED and result.final_state == "ok"
+    assert [e.attempt for e in result.trace] == [1, 2]
+    assert result.total_tokens == 240
+    assert events > 0
 
 
 async def test_the_offline_example() -> None:
