@@ -23,8 +23,9 @@ What the wrapper keeps (the rules of the issue):
   not complete raises :class:`StepNotCompleted` (a ``RuntimeError``, which LangGraph's default
   ``retry_on`` does not retry) carrying the :class:`~stroma.trace.ExecutionResult`;
 * usage comes from the node's GenAI model-call spans (:mod:`stroma.telemetry.genai_usage`) or,
-  when the attempt saw none, from ``AIMessage.usage_metadata`` in the node's output (messages
-  already in the input state are not counted again).
+  when the attempt saw none, from ``AIMessage.usage_metadata`` (else the provider's usage in
+  ``response_metadata``) of the messages in the node's output, priced with the
+  ``response_metadata`` model name; messages already in the input state are not counted again.
 
 The run's :class:`~stroma.context.ReliabilityContext` reaches the node through the invoke
 config (:func:`stroma_config`, key ``configurable.stroma_context``) or LangGraph's runtime
@@ -279,12 +280,37 @@ def _messages(value: Any, depth: int = 0) -> Iterator[Any]:
     elif isinstance(value, (list, tuple)):
         for item in value:
             yield from _messages(item, depth + 1)
-    elif isinstance(getattr(value, "usage_metadata", None), Mapping):
+    elif _message_usage(value) is not None:
         yield value
 
 
+def _message_usage(message: Any) -> tuple[int, int] | None:
+    """(input, output) tokens of a chat message: its ``usage_metadata``, else the provider's
+    usage in ``response_metadata`` (``token_usage`` or ``usage``, with ``input_tokens`` /
+    ``output_tokens`` or ``prompt_tokens`` / ``completion_tokens``); ``None`` when it has none."""
+    usage = getattr(message, "usage_metadata", None)
+    if not isinstance(usage, Mapping):
+        metadata = getattr(message, "response_metadata", None)
+        if not isinstance(metadata, Mapping):
+            return None
+        usage = metadata.get("token_usage") or metadata.get("usage")
+        if not isinstance(usage, Mapping):
+            return None
+    input_tokens = usage.get("input_tokens", usage.get("prompt_tokens"))
+    output_tokens = usage.get("output_tokens", usage.get("completion_tokens"))
+    if input_tokens is None and output_tokens is None:
+        return None
+    input_tokens = input_tokens or 0
+    output_tokens = output_tokens or 0
+    if isinstance(input_tokens, bool) or isinstance(output_tokens, bool):
+        return None
+    if not isinstance(input_tokens, int) or not isinstance(output_tokens, int):
+        return None
+    return input_tokens, output_tokens
+
+
 def _report_message_usage(output: Any, state: Any) -> None:
-    """Charge ``AIMessage.usage_metadata`` of new messages when no model-call span was seen."""
+    """Charge the usage of new chat messages when no model-call span was seen."""
     if genai_usage.calls_in_current_attempt():
         return
     seen = {id(message) for message in _messages(state)}
@@ -292,13 +318,12 @@ def _report_message_usage(output: Any, state: Any) -> None:
     for message in _messages(output):
         if id(message) in seen or getattr(message, "id", None) in seen_ids:
             continue
-        usage = message.usage_metadata
+        tokens = _message_usage(message)
+        if tokens is None:
+            continue
         metadata = getattr(message, "response_metadata", None) or {}
-        model = metadata.get("model_name") or metadata.get("model") if isinstance(metadata, Mapping) else None
-        input_tokens = usage.get("input_tokens") or 0
-        output_tokens = usage.get("output_tokens") or 0
-        if isinstance(input_tokens, int) and isinstance(output_tokens, int):
-            report_usage(input_tokens, output_tokens, model if isinstance(model, str) else None)
+        model = (metadata.get("model_name") or metadata.get("model")) if isinstance(metadata, Mapping) else None
+        report_usage(tokens[0], tokens[1], model if isinstance(model, str) else None)
 
 
 def reliable_node(

@@ -328,6 +328,36 @@ def test_usage_metadata_of_messages_already_in_the_state_is_not_counted_again() 
     assert (ctx.input_tokens, ctx.output_tokens) == (7, 3)
 
 
+def test_usage_from_messages_without_instrumentation_is_priced_and_counted_once() -> None:
+    from stroma import pricing
+
+    def chat(state: State) -> dict[str, Any]:
+        both = AIMessage(
+            "a",
+            id="m1",
+            usage_metadata={"input_tokens": 120, "output_tokens": 30, "total_tokens": 150},
+            response_metadata={"model_name": "gpt-4o", "token_usage": {"prompt_tokens": 120, "completion_tokens": 30}},
+        )
+        # an older integration: the provider's usage only in response_metadata
+        legacy = AIMessage(
+            "b",
+            id="m2",
+            response_metadata={"model_name": "gpt-4o", "token_usage": {"prompt_tokens": 80, "completion_tokens": 20}},
+        )
+        anthropic_like = AIMessage(
+            "c", id="m3", response_metadata={"model": "gpt-4o", "usage": {"input_tokens": 10, "output_tokens": 5}}
+        )
+        return {"messages": [both, legacy, anthropic_like, AIMessage("no usage", id="m4")]}
+
+    builder = StateGraph(State)
+    builder.add_node("chat", reliable_node(chat))
+    builder.add_edge(START, "chat")
+    ctx = new_ctx()
+    builder.compile().invoke({"messages": [HumanMessage("go", id="h")]}, stroma_config(ctx))
+    assert (ctx.input_tokens, ctx.output_tokens) == (210, 55)  # each message once, usage_metadata first
+    assert ctx.total_cost == pytest.approx(pricing.cost_usd("gpt-4o", 210, 55)[0])
+
+
 def test_retry_policy_on_a_wrapped_node_is_refused() -> None:
     def node(state: State) -> dict[str, Any]:
         return {}
