@@ -228,6 +228,30 @@ def test_custom_stream_writer_and_config_runtime_injection() -> None:
     assert steps_of(ctx) == ["talk"]
 
 
+def test_store_injection_keeps_working() -> None:
+    from langgraph.store.base import BaseStore
+    from langgraph.store.memory import InMemoryStore
+
+    def remember(state: State, store: BaseStore) -> dict[str, Any]:
+        store.put(("notes",), "last", {"text": "seen"})
+        return {"items": ["remembered"]}
+
+    def recall(state: State, *, store: BaseStore) -> dict[str, Any]:
+        item = store.get(("notes",), "last")
+        return {"note": item.value["text"] if item is not None else "nothing"}
+
+    builder = StateGraph(State)
+    builder.add_node("remember", reliable_node(remember))
+    builder.add_node("recall", reliable_node(recall))
+    builder.add_edge(START, "remember")
+    builder.add_edge("remember", "recall")
+    store = InMemoryStore()
+    ctx = new_ctx()
+    out = builder.compile(store=store).invoke({"items": []}, stroma_config(ctx))
+    assert out["note"] == "seen" and out["items"] == ["remembered"]
+    assert steps_of(ctx) == ["remember", "recall"]
+
+
 def test_parallel_branches_run_concurrently() -> None:
     running: list[str] = []
     overlap = threading.Event()
