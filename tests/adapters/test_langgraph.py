@@ -382,6 +382,48 @@ def test_usage_from_messages_without_instrumentation_is_priced_and_counted_once(
     assert ctx.total_cost == pytest.approx(pricing.cost_usd("gpt-4o", 210, 55)[0])
 
 
+def test_reliable_graph_on_a_langchain_agent_keeps_its_checkpointer() -> None:
+    pytest.importorskip("langchain.agents")
+    from langchain.agents import create_agent
+    from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
+
+    from stroma.adapters.langgraph import reliable_graph, run_graph
+
+    class Scripted(GenericFakeChatModel):
+        def bind_tools(self, tools: Any, **kwargs: Any) -> Any:
+            return self
+
+    def usage(i: int, o: int) -> Any:
+        return {"input_tokens": i, "output_tokens": o, "total_tokens": i + o}
+
+    def lookup(q: str) -> str:
+        """Look something up."""
+        return f"found {q}"
+
+    replies = iter(
+        [
+            AIMessage("", tool_calls=[{"name": "lookup", "args": {"q": "x"}, "id": "c1"}], usage_metadata=usage(30, 3)),
+            AIMessage("the answer", usage_metadata=usage(50, 5)),
+            AIMessage("again", usage_metadata=usage(70, 7)),
+        ]
+    )
+    saver = InMemorySaver()
+    agent = create_agent(Scripted(messages=replies), tools=[lookup], checkpointer=saver)
+    wrapped = reliable_graph(agent, nodes=["model", "tools"])
+    assert wrapped.checkpointer is saver
+    first = run_graph(wrapped, {"messages": [("user", "q")]}, new_ctx())
+    assert first.status is RunStatus.COMPLETED and first.total_tokens == 88
+    assert [e.node_id for e in first.trace] == ["model", "tools", "model"]
+    # a second run continues the first one's thread from the checkpoint
+    thread = {"configurable": {"thread_id": first.run_id}}
+    second = run_graph(wrapped, {"messages": [("user", "more")]}, new_ctx(), config=thread)
+    assert second.total_tokens == 77
+    assert [m.content for m in second.final_state["messages"]][-1] == "again"
+    assert len(second.final_state["messages"]) == 6  # the first run's four messages, the new question, the answer
+    with pytest.raises(ConfigurationError, match="compiled StateGraph"):
+        reliable_graph(StateGraph(State))
+
+
 def test_retry_policy_on_a_wrapped_node_is_refused() -> None:
     def node(state: State) -> dict[str, Any]:
         return {}
