@@ -104,6 +104,30 @@ async def test_async_invoke(example: Any) -> None:
     assert result.total_tokens == 3390
 
 
+def test_human_approval_interrupt_then_resume_charges_each_model_call_once(example: Any) -> None:
+    from deepagents import create_deep_agent
+    from langgraph.checkpoint.memory import InMemorySaver
+    from langgraph.types import Command
+
+    model = example.ScriptedChatModel(messages=iter(example.script()))
+    agent = create_deep_agent(
+        model=model, tools=[example.order_status], interrupt_on={"order_status": True}, checkpointer=InMemorySaver()
+    )
+    graph = reliable_graph(agent)  # every node, the approval middleware's too
+    waiting = run_graph(graph, QUESTION, new_ctx())
+    assert waiting.status is RunStatus.PARTIAL and "interrupt" in (waiting.error or "")
+    (pending,) = waiting.final_state["__interrupt__"]
+    assert [a["args"]["order_id"] for a in pending.value["action_requests"]] == ["A-17", "B-22"]
+    assert waiting.total_tokens == 940 + 1130  # the two model calls before the approval
+    approve = Command(resume={"decisions": [{"type": "approve"}, {"type": "approve"}]})
+    thread = {"configurable": {"thread_id": waiting.run_id}}
+    resumed = run_graph(graph, approve, new_ctx(), config=thread)
+    assert resumed.status is RunStatus.COMPLETED
+    assert resumed.final_state["messages"][-1].content == ANSWER
+    assert resumed.total_tokens == 1320  # only the answer: no model call is charged twice
+    assert [e.node_id for e in resumed.trace].count("tools") == 2
+
+
 def test_the_compiled_agent_is_left_unchanged(example: Any) -> None:
     from deepagents import create_deep_agent
 
