@@ -32,6 +32,7 @@ from collections.abc import Callable
 from typing import Any
 
 from agents import Agent, RunHooks, Runner
+from openai.types.responses import ResponseCompletedEvent
 from opentelemetry import trace as trace_api
 
 from stroma import execute_step, report_usage
@@ -65,16 +66,26 @@ class StromaRunHooks(RunHooks[Any]):
         self.tool_calls = 0
         self.pending_tokens = 0
         self.pending_cost = 0.0
+        #: ids of the responses charged so far (a streamed run charges the others when cut short)
+        self.charged: set[str] = set()
 
     async def on_llm_start(self, context: Any, agent: Any, system_prompt: Any, input_items: Any) -> None:
         self.check_budget()
         self.model_calls += 1
 
     async def on_llm_end(self, context: Any, agent: Any, response: Any) -> None:
-        usage = getattr(response, "usage", None)
+        response_id = getattr(response, "response_id", None)
+        if isinstance(response_id, str):
+            if response_id in self.charged:
+                return
+            self.charged.add(response_id)
+        self.charge(getattr(response, "usage", None), _model_name(agent))
+
+    def charge(self, usage: Any, model: str | None) -> None:
+        """Report one model call's *usage* (an object with ``input_tokens`` / ``output_tokens``)
+        to the running attempt and add it to this run's pending usage."""
         input_tokens = int(getattr(usage, "input_tokens", 0) or 0)
         output_tokens = int(getattr(usage, "output_tokens", 0) or 0)
-        model = _model_name(agent)
         report_usage(input_tokens, output_tokens, model)
         self.pending_tokens += input_tokens + output_tokens
         self.pending_cost += cost_usd(model, input_tokens, output_tokens)[0]
@@ -126,21 +137,32 @@ async def run_agent_streamed(
     ``final_state`` is the run's ``final_output``.
 
     Usage, the budget before each model call and tool-call events are as in :func:`run_agent`.
-    When the run or *on_event* raises, the streamed run is cancelled and the attempt fails
-    with that exception (a budget breach ends the step ``PARTIAL``).
+    When the run or *on_event* raises (or the step is cancelled, e.g. by its timeout), the
+    streamed run is cancelled and the attempt fails with that exception (a budget breach ends
+    the step ``PARTIAL``). A response that had completed in the stream but not yet reached
+    ``on_llm_end`` (the SDK streams a response's items before that hook runs) is still charged,
+    from the stream's ``response.completed`` event.
     """
 
     async def body(prompt: Any) -> Any:
         hooks = StromaRunHooks(ctx, step_id)
         streamed = Runner.run_streamed(agent, prompt, hooks=hooks, **run_kwargs)
+        completed: list[Any] = []
         try:
             async for event in streamed.stream_events():
+                data = getattr(event, "data", None)
+                if isinstance(data, ResponseCompletedEvent):
+                    completed.append(data.response)
                 if on_event is not None:
                     handled = on_event(event)
                     if inspect.isawaitable(handled):
                         await handled
         except BaseException:
             streamed.cancel()
+            for response in completed:
+                if response.id not in hooks.charged:
+                    hooks.charged.add(response.id)
+                    hooks.charge(response.usage, _model_name(streamed.current_agent) or response.model)
             raise
         return streamed.final_output
 

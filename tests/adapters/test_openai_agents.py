@@ -235,6 +235,21 @@ async def test_streamed_run_that_fails_is_retried_and_charged() -> None:
     assert events > 0
 
 
+async def test_an_event_handler_that_raises_cancels_the_streamed_run() -> None:
+    model = ScriptedModel(*[[tool_call("lookup", i)] for i in range(10)])
+    agent = Agent(name="loop", model=model, tools=[lookup])
+
+    def refuse(event: Any) -> None:
+        if getattr(event, "name", None) == "tool_called":
+            raise PermissionError("the UI refused the tool call")
+
+    result = await run_agent_streamed(agent, "go", new_ctx(), step_id="loop", on_event=refuse)
+    assert result.status is RunStatus.FAILED
+    assert "PermissionError" in (result.error or "")
+    assert model.streamed == 1  # cancelled: no further model call
+    assert result.total_tokens == 120
+
+
 async def test_the_offline_example() -> None:
     import importlib.util
     import sys
