@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
 from functools import lru_cache
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from pydantic import TypeAdapter, ValidationError
 from pydantic_core import to_jsonable_python
 
 from stroma.cost import BudgetExceeded
+from stroma.errors import describe_validation_error
 from stroma.failures import FailureClass
 
 __all__ = ["ExecutionResult", "ExecutionTrace", "RunStatus", "TraceEvent"]
@@ -47,6 +48,13 @@ class RunStatus(str, Enum):
     def otel_value(self) -> str:
         """The value for the ``stroma.run.status`` span attribute (``"completed"``, ...)."""
         return self.value.lower()
+
+
+FINISHED_STATUSES: Final = frozenset({RunStatus.COMPLETED, RunStatus.RESUMED})
+"""Statuses of a run that reached its end: its result is final and running its id again returns it."""
+
+FINISHED_VALUES: Final = frozenset(status.otel_value for status in FINISHED_STATUSES)
+""":data:`FINISHED_STATUSES` as stored in run manifests and run records (``"completed"``, ``"resumed"``)."""
 
 
 @dataclass
@@ -229,7 +237,9 @@ class ExecutionTrace:
         try:
             events = _events_adapter().validate_python(raw)
         except ValidationError as exc:
-            raise ValueError(f"trace JSON does not describe trace events: {exc}") from exc
+            raise ValueError(
+                f"trace JSON does not describe trace events: {describe_validation_error('events', exc)}"
+            ) from exc
         return cls(events)
 
     # --- diff ------------------------------------------------------------------------------

@@ -52,7 +52,8 @@ from typing import Any, Final, TypeVar
 from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
 from pydantic_core import PydanticSerializationError
 
-from stroma.errors import CheckpointError
+from stroma._ids import run_id_problem
+from stroma.errors import CheckpointError, describe_validation_error
 
 FORMAT: Final = "stroma.checkpoint"
 FORMAT_VERSION: Final = 1
@@ -69,7 +70,6 @@ _ENVELOPE_FIELDS: Final = frozenset(
 _ANNOTATION_KEYWORDS: Final = frozenset({"title", "description", "examples", "$comment"})
 # JSON-schema keywords whose value maps *names* (of properties, definitions) to sub-schemas.
 _NAME_MAPS: Final = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
-_MAX_ERRORS_IN_MESSAGE: Final = 5
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -104,11 +104,13 @@ class CheckpointData(BaseModel):
 
 
 def check_run_id(run_id: object) -> str:
-    """Return *run_id* if it is a non-empty ``str``; raise ``TypeError`` / ``ValueError`` otherwise."""
+    """Return *run_id* if it is a run id (:func:`stroma._ids.run_id_problem`, the rule ``RunConfig``
+    applies too); raise ``TypeError`` for a non-``str``, ``ValueError`` for a bad string."""
     if not isinstance(run_id, str):
         raise TypeError(f"run_id must be a str, got {type(run_id).__name__}")
-    if not run_id:
-        raise ValueError("run_id must be a non-empty string")
+    problem = run_id_problem(run_id)
+    if problem is not None:
+        raise ValueError(f"run_id {problem}")
     return run_id
 
 
@@ -436,14 +438,7 @@ def _stored_schema(envelope: Mapping[str, Any]) -> tuple[str, str]:
 
 def summarize_validation_error(exc: ValidationError) -> str:
     """``"field.path: message; …"`` without the offending values (they may be secrets)."""
-    errors = exc.errors(include_url=False, include_input=False, include_context=False)
-    parts = [
-        f"{'.'.join(str(part) for part in error['loc']) or '<root>'}: {error['msg']}"
-        for error in errors[:_MAX_ERRORS_IN_MESSAGE]
-    ]
-    if len(errors) > _MAX_ERRORS_IN_MESSAGE:
-        parts.append(f"and {len(errors) - _MAX_ERRORS_IN_MESSAGE} more")
-    return "; ".join(parts)
+    return describe_validation_error(None, exc)
 
 
 def _revalidate(state: BaseModel, model: type[M], run_id: str, step_id: str, *, action: str) -> M:

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import sys
 from typing import Any, TextIO
 
+from stroma import runstore, stack
 from stroma.checkpoint import AsyncSQLiteStore
 from stroma.cli._args import UsageError
+from stroma.cli._logging import EXPORT_PROBLEMS
+from stroma.cli.jaeger import fetch_run_records
+from stroma.cli.progress import ProgressPrinter
 from stroma.cli.render import (
     Style,
     build_tree,
@@ -24,8 +29,10 @@ from stroma.cli.render import (
     render_tree,
 )
 from stroma.errors import ConfigurationError
+from stroma.pricing import price_for
 from stroma.runstore import LocalRunStore, RunLookupError, RunStoreError
-from stroma.trace import RunStatus
+from stroma.telemetry import configure_otlp, shutdown
+from stroma.trace import FINISHED_VALUES, ExecutionResult, RunStatus
 
 __all__ = ["dispatch"]
 
@@ -62,12 +69,7 @@ def dispatch(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
-    import asyncio
-
-    from stroma import demo, runstore
-    from stroma.cli.progress import ProgressPrinter
-    from stroma.telemetry import configure_otlp, shutdown
-    from stroma.trace import ExecutionResult
+    from stroma import demo  # loads OpenTelemetry's SDK: only `stroma demo` pays for it
 
     if args.resume and args.runs != 1:
         raise UsageError("--resume continues one run; leave out --runs")
@@ -181,8 +183,6 @@ def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _report_export_problems(endpoint: str | None) -> None:
-    from stroma.cli import EXPORT_PROBLEMS
-
     if EXPORT_PROBLEMS.first is None:
         return
     more = f" ({EXPORT_PROBLEMS.count} messages; --debug shows them)" if EXPORT_PROBLEMS.count > 1 else ""
@@ -192,8 +192,6 @@ def _report_export_problems(endpoint: str | None) -> None:
 def _jaeger_hint(endpoint: str) -> str:
     """Jaeger's query URL for a collector at *endpoint*: the native stack's, else compose's."""
     try:
-        from stroma import stack
-
         status = stack.status()
         info = status.info
         if info is not None and endpoint.rstrip("/") in (info.otlp_http_endpoint, info.otlp_grpc_endpoint):
@@ -215,7 +213,7 @@ def _demo_resume_target(store: LocalRunStore, ref: str) -> tuple[str, Any]:
     ticket = demo.ticket_for_run(run_id)
     if ticket is None:
         raise UsageError(f"run {run_id!r} is not a demo run (demo run ids look like tkt-4812-1a2b3c4d)")
-    if stored.summary.status in ("completed", "resumed"):
+    if stored.summary.status in FINISHED_VALUES:
         raise UsageError(f"run {run_id!r} already completed; there is nothing to resume")
     return run_id, ticket
 
@@ -318,8 +316,6 @@ def cmd_show(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _tree_from_jaeger(args: argparse.Namespace, store: LocalRunStore) -> Any:
-    from stroma.cli.jaeger import fetch_run_records
-
     run_id = args.run_id.strip()
     trace_id = None
     summary = None
@@ -383,8 +379,6 @@ def _unknown_models_message(unknown: list[str], asked: int) -> str:
 
 def cmd_prices(args: argparse.Namespace, out: TextIO) -> int:
     """Print each known model's price; models without one are named on stderr (or in the JSON) and exit 2."""
-    from stroma.pricing import price_for
-
     found = []
     unknown: list[str] = []
     for model in args.models:
@@ -433,8 +427,6 @@ def cmd_prices(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_stack(args: argparse.Namespace, out: TextIO) -> int:
-    from stroma import stack
-
     style = _style(args, out)
     if args.action == "down":
         if args.free_ports:
