@@ -436,16 +436,11 @@ def _stored_schema(envelope: Mapping[str, Any]) -> tuple[str, str]:
     return "", ""
 
 
-def summarize_validation_error(exc: ValidationError) -> str:
-    """``"field.path: message; …"`` without the offending values (they may be secrets)."""
-    return describe_validation_error(None, exc)
-
-
 def _revalidate(state: BaseModel, model: type[M], run_id: str, step_id: str, *, action: str) -> M:
     try:
         return model.model_validate_json(state.model_dump_json(by_alias=True, round_trip=True))
     except (ValidationError, PydanticSerializationError) as exc:
-        detail = summarize_validation_error(exc) if isinstance(exc, ValidationError) else str(exc)
+        detail = describe_validation_error(None, exc) if isinstance(exc, ValidationError) else str(exc)
         raise CheckpointError(
             f"cannot {action} {record(run_id, step_id)}: a {type(state).__name__} "
             f"does not validate as {model.__name__} ({detail})",
@@ -488,7 +483,8 @@ def decode_step(raw: str | bytes | bytearray, run_id: str, step_id: str, schema:
         return schema.model_validate_json(_canonical(envelope["payload"]))
     except ValidationError as exc:
         raise CheckpointError(
-            f"{record(run_id, step_id)} does not validate as {schema_name(schema)}: {summarize_validation_error(exc)}",
+            f"{record(run_id, step_id)} does not validate as {schema_name(schema)}: "
+            f"{describe_validation_error(None, exc)}",
             run_id=run_id,
             node_id=step_id,
         ) from exc

@@ -55,7 +55,7 @@ from pydantic import BaseModel, ValidationError
 from stroma._ids import RESERVED_PREFIX
 from stroma.checkpoint import _codec
 from stroma.checkpoint._protocols import AsyncCheckpointStore, CheckpointStore, require_model_class
-from stroma.errors import CheckpointError, ConfigurationError
+from stroma.errors import CheckpointError, ConfigurationError, describe_validation_error
 
 DEFAULT_TIMEOUT_SECONDS: Final = 30.0
 MANIFEST_STEP_ID: Final = RESERVED_PREFIX + "manifest"
@@ -293,7 +293,7 @@ class CheckpointManager:
             except ValidationError as exc:
                 raise CheckpointError(
                     f"{_codec.record(run_id, node_id)} does not validate as "
-                    f"{_codec.schema_name(schema)}: {_codec.summarize_validation_error(exc)}",
+                    f"{_codec.schema_name(schema)}: {describe_validation_error(None, exc)}",
                     run_id=run_id,
                     node_id=node_id,
                 ) from exc
