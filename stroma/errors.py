@@ -20,7 +20,7 @@ _MAX_CHAIN = 8
 _MAX_ERRORS_IN_MESSAGE = 5
 _MIN_SCRUBBED_CHARS = 3
 _MAX_SCRUB_DEPTH = 4
-_MAX_SCRUB_ITEMS = 64
+_MAX_SCRUB_ITEMS = 256
 # Error types whose message is written by a validator (Stroma's own, or the user's schema):
 # those choose their words; every other message is pydantic's and is scrubbed of the input.
 _AUTHORED_TYPES = frozenset({"value_error", "assertion_error"})
@@ -172,53 +172,53 @@ def validation_errors(exc: ValidationError) -> list[dict[str, Any]]:
     errors: list[dict[str, Any]] = []
     for item in exc.errors(include_url=False):
         error: dict[str, Any] = {key: value for key, value in item.items() if key != "input"}
-        msg = str(error.get("msg", "invalid"))
-        if error.get("type") not in _AUTHORED_TYPES:
-            msg = _scrub(msg, item.get("input"))
-            ctx = error.get("ctx")
-            if isinstance(ctx, dict):
-                error["ctx"] = {
-                    key: _scrub(value, item.get("input")) if isinstance(value, str) else value
-                    for key, value in ctx.items()
-                }
-        error["msg"] = msg
         ctx = error.get("ctx")
         if isinstance(ctx, dict):
-            error["ctx"] = {
+            error["ctx"] = ctx = {
                 key: value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
                 for key, value in ctx.items()
             }
+        msg = str(error.get("msg", "invalid"))
+        if error.get("type") not in _AUTHORED_TYPES:
+            texts = _texts(item.get("input"))
+            msg = _scrub(msg, texts)
+            if isinstance(ctx, dict):
+                error["ctx"] = {
+                    key: _scrub(value, texts) if isinstance(value, str) else value for key, value in ctx.items()
+                }
+        error["msg"] = msg
         errors.append(error)
     return errors
 
 
-def _scrub(text: str, value: object) -> str:
-    """*text* with every string found in *value* (the failing input, walked a few levels deep) cut out."""
-    for form in sorted(_texts(value), key=len, reverse=True):
+def _scrub(text: str, texts: list[str]) -> str:
+    """*text* with each of *texts* (longest first) replaced by ``<input>``."""
+    for form in texts:
         if form in text:
             text = text.replace(form, "<input>")
     return text
 
 
-def _texts(value: object, depth: int = 0) -> set[str]:
-    """The strings (and their reprs) in *value*: itself, or the values inside a mapping or sequence
-    (bounded walk)."""
-    if isinstance(value, (bytes, bytearray)):
-        value = bytes(value).decode("utf-8", "replace")
-    if isinstance(value, str):
-        return {value, repr(value)} if len(value) >= _MIN_SCRUBBED_CHARS else set()
+def _texts(value: object) -> list[str]:
+    """The strings in the failing input *value* and their reprs, longest first: *value* itself, or
+    the values inside its mappings and sequences (a bounded walk: a few levels, a few hundred
+    strings). Keys are left alone: they are field names, and shown in error paths anyway."""
     found: set[str] = set()
-    if depth >= _MAX_SCRUB_DEPTH:
-        return found
-    if isinstance(value, Mapping):  # the values: keys are field names (and shown in paths anyway)
-        items: list[object] = list(value.values())[:_MAX_SCRUB_ITEMS]
-    elif isinstance(value, (list, tuple)):
-        items = list(value[:_MAX_SCRUB_ITEMS])
-    else:
-        return found  # numbers and objects: pydantic's messages name limits and types, not these
-    for item in items:
-        found |= _texts(item, depth + 1)
-    return found
+    pending: list[tuple[object, int]] = [(value, 0)]
+    visited = 0
+    while pending and visited < _MAX_SCRUB_ITEMS:
+        current, depth = pending.pop()
+        visited += 1
+        if isinstance(current, (bytes, bytearray)):
+            current = bytes(current).decode("utf-8", "replace")
+        if isinstance(current, str):
+            if len(current) >= _MIN_SCRUBBED_CHARS:
+                found.update((current, repr(current)))
+        elif depth < _MAX_SCRUB_DEPTH and isinstance(current, Mapping):
+            pending.extend((item, depth + 1) for item in list(current.values())[:_MAX_SCRUB_ITEMS])
+        elif depth < _MAX_SCRUB_DEPTH and isinstance(current, (list, tuple)):
+            pending.extend((item, depth + 1) for item in current[:_MAX_SCRUB_ITEMS])
+    return sorted(found, key=len, reverse=True)
 
 
 def describe_validation_error(owner: str | None, exc: ValidationError, *, show_numbers: bool = False) -> str:
