@@ -15,14 +15,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
 from functools import lru_cache
-from typing import Any, Final, Protocol
+from typing import Annotated, Any, Final, Protocol
 
-from pydantic import TypeAdapter, ValidationError
+from pydantic import BeforeValidator, TypeAdapter, ValidationError
 from pydantic_core import to_jsonable_python
 
 from stroma.cost import BudgetExceeded
 from stroma.errors import describe_validation_error
-from stroma.failures import FailureClass
+from stroma.failures import FailureClass, parse_failure_class
 
 __all__ = ["ExecutionResult", "ExecutionTrace", "RunStatus", "TraceEvent"]
 
@@ -57,6 +57,13 @@ FINISHED_VALUES: Final = frozenset(status.otel_value for status in FINISHED_STAT
 """:data:`FINISHED_STATUSES` as stored in run manifests and run records (``"completed"``, ``"resumed"``)."""
 
 
+def _read_failure_class(value: object) -> object:
+    # trace JSON is read with the one failure-class reading (a name in any case); anything else is
+    # left for the enum's own validation to refuse
+    parsed = parse_failure_class(value)
+    return value if parsed is None else parsed
+
+
 @dataclass
 class TraceEvent:
     """One attempt of one step.
@@ -89,7 +96,7 @@ class TraceEvent:
     input_state: dict[str, Any]
     output_state: dict[str, Any] | None
     duration_ms: int
-    failure: FailureClass | None = None
+    failure: Annotated[FailureClass | None, BeforeValidator(_read_failure_class)] = None
     failure_message: str | None = None
     model: str | None = None
     input_tokens: int = 0

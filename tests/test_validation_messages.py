@@ -170,6 +170,7 @@ def _cli_messages(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         return 0
 
     monkeypatch.setattr(cli.commands, "dispatch", failing)
+    monkeypatch.setattr(cli, "configure_logging", lambda debug: None)  # leave the process's logging alone
     stdout = io.StringIO()
     monkeypatch.setattr("sys.stdout", stdout)
     assert cli.main(["runs", "--json"]) == cli.EXIT_FAILED
