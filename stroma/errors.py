@@ -41,7 +41,8 @@ class StromaError(Exception):
 
 
 class ConfigurationError(StromaError, ValueError):
-    """A setting is invalid. The message names the setting, the value and what is allowed."""
+    """A setting is invalid. The message names the setting, what is allowed and, for a number or
+    an identifier (a run id, a step id, a model name), the value; other text is never repeated."""
 
 
 class UsageError(StromaError, ValueError):
