@@ -28,8 +28,8 @@ from contextlib import contextmanager
 
 import redis
 
-from stroma._tools import debian_env, redis_server
 from stroma.fleet import SharedBudget
+from stroma.stack._native import debian_env, redis_server
 
 
 @contextmanager

@@ -16,7 +16,7 @@ import math
 import os
 import re
 import warnings
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -31,9 +31,10 @@ from pydantic import (
     model_validator,
 )
 
+from stroma._ids import MAX_RUN_ID_CHARS, run_id_problem
 from stroma.cost import ExecutionBudget, FallbackPolicy, SharedLimit
-from stroma.errors import ConfigurationError
-from stroma.failures import Classifier, FailureClass, FailurePolicy, PolicyMap, default_policy_map
+from stroma.errors import ConfigurationError, configuration_error
+from stroma.failures import Classifier, FailureClass, PolicyMap, check_policy_map, default_policy_map
 from stroma.pricing import price_for
 from stroma.telemetry.settings import TelemetrySettings
 
@@ -72,7 +73,6 @@ class NodeHooks:
 StepHooks = NodeHooks
 
 _WORKFLOW_RE = re.compile(r"^[A-Za-z0-9_.:/ -]{1,128}$")
-_MAX_RUN_ID_CHARS = 256
 
 # Set while RunConfig.replace() builds a copy: builders are applied one at a time, so a
 # combination that is risky after one builder may be fine after the next. The runner warns
@@ -89,18 +89,22 @@ def check_run_id(value: object, *, setting: str = "RunConfig.run_id") -> str:
     """Return *value* if it is a usable run id, else raise ``ConfigurationError`` naming *setting*.
 
     A run id is 1-256 characters without control characters; any other character (``:``,
-    ``/``, spaces) is allowed, because checkpoint stores never build keys by joining ids.
+    ``/``, spaces) is allowed, because checkpoint stores never build keys by joining ids. The
+    same rule is applied by the checkpoint stores (:mod:`stroma._ids`).
     """
-    if (
-        not isinstance(value, str)
-        or not value
-        or len(value) > _MAX_RUN_ID_CHARS
-        or any(ord(ch) < 32 or ord(ch) == 127 for ch in value)
-    ):
-        raise ConfigurationError(
-            f"{setting} must be a string of 1-{_MAX_RUN_ID_CHARS} characters without control characters, got {value!r}"
-        )
-    return value
+    problem = run_id_problem(value)
+    if problem is not None:
+        shown = repr(value) if isinstance(value, str) and len(value) <= MAX_RUN_ID_CHARS else type(value).__name__
+        raise ConfigurationError(f"{setting} {problem}, got {shown}")
+    return value  # type: ignore[return-value]
+
+
+def _shown(value: object) -> str:
+    """How a rejected setting is quoted in a message: numbers as they are, anything else by type
+    (a text value is never repeated: it may be a secret pasted into the wrong place)."""
+    if value is None or isinstance(value, (bool, int, float)):
+        return repr(value)
+    return type(value).__name__
 
 
 def _reject_bool(setting: str, value: object) -> None:
@@ -158,7 +162,7 @@ class RunConfig(BaseModel):
         try:
             super().__init__(**data)
         except ValidationError as exc:
-            raise ConfigurationError(describe_validation_error("RunConfig", exc)) from exc
+            raise configuration_error("RunConfig", exc) from exc
         if not _defer_warnings.get():
             self.warn_risky(stacklevel=3)
 
@@ -233,7 +237,9 @@ class RunConfig(BaseModel):
             setting = f"RunConfig.node_timeouts[{step_id!r}]"
             _reject_bool(setting, timeout_ms)
             if not isinstance(timeout_ms, (int, float)) or not (math.isfinite(timeout_ms) and timeout_ms > 0):
-                raise ConfigurationError(f"{setting} must be a positive number of milliseconds, got {timeout_ms!r}")
+                raise ConfigurationError(
+                    f"{setting} must be a positive number of milliseconds, got {_shown(timeout_ms)}"
+                )
         return value
 
     @field_validator("run_timeout_ms", mode="before")
@@ -243,21 +249,25 @@ class RunConfig(BaseModel):
             return value
         _reject_bool("RunConfig.run_timeout_ms", value)
         if not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
-            raise ConfigurationError(f"RunConfig.run_timeout_ms must be > 0 milliseconds, got {value!r}")
+            raise ConfigurationError(f"RunConfig.run_timeout_ms must be > 0 milliseconds, got {_shown(value)}")
         return value
 
-    @field_validator("policy_map")
+    @field_validator("policy_map", mode="before")
     @classmethod
-    def _check_policy_map(cls, value: PolicyMap) -> PolicyMap:
-        _check_policies("RunConfig.policy_map", value)
-        return value
+    def _check_policy_map(cls, value: Any) -> PolicyMap:
+        return check_policy_map(value, setting="RunConfig.policy_map")
 
-    @field_validator("node_policies")
+    @field_validator("node_policies", mode="before")
     @classmethod
-    def _check_node_policies(cls, value: dict[str, PolicyMap]) -> dict[str, PolicyMap]:
-        for step_id, policies in value.items():
-            _check_policies(f"RunConfig.node_policies[{step_id!r}]", policies)
-        return value
+    def _check_node_policies(cls, value: Any) -> dict[str, PolicyMap]:
+        if not isinstance(value, Mapping):
+            raise ConfigurationError(
+                f"RunConfig.node_policies must be a dict of step id -> policy map, got {type(value).__name__}"
+            )
+        return {
+            step_id: check_policy_map(policies, setting=f"RunConfig.node_policies[{step_id!r}]")
+            for step_id, policies in value.items()
+        }
 
     @field_validator("classifiers")
     @classmethod
@@ -302,24 +312,3 @@ class RunConfig(BaseModel):
             raise ConfigurationError(
                 f"RunConfig.resume_from names unknown step id {self.resume_from!r}; known steps: {known}"
             )
-
-
-def describe_validation_error(owner: str, exc: ValidationError) -> str:
-    """One line per failing field of *owner*: ``owner.field: message``, values left out."""
-    parts = []
-    for error in exc.errors(include_url=False, include_input=False):
-        location = ".".join(str(loc) for loc in error.get("loc", ())) or "(model)"
-        message = str(error.get("msg", "invalid"))
-        message = message.removeprefix("Value error, ")
-        parts.append(f"{owner}.{location}: {message}")
-    return "; ".join(parts) or f"invalid {owner}"
-
-
-def _check_policies(setting: str, policies: PolicyMap) -> None:
-    if not isinstance(policies, dict):
-        raise ConfigurationError(f"{setting} must be a dict of FailureClass -> FailurePolicy")
-    for key, policy in policies.items():
-        if not isinstance(key, FailureClass):
-            raise ConfigurationError(f"{setting} has key {key!r}; keys must be FailureClass members")
-        if not isinstance(policy, FailurePolicy):
-            raise ConfigurationError(f"{setting}[{key.name}] must be a FailurePolicy, got {type(policy).__name__}")

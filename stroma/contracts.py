@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, RootModel, ValidationError
 
-from stroma.errors import ConfigurationError, StromaError
+from stroma.errors import ConfigurationError, StromaError, validation_errors
 
 __all__ = [
     "BoundaryValidator",
@@ -173,21 +173,6 @@ def _error(kind: str, msg: str, loc: tuple[str | int, ...] = ()) -> dict[str, An
     return {"type": kind, "loc": loc, "msg": msg}
 
 
-def _plain_errors(exc: ValidationError) -> list[dict[str, Any]]:
-    """Pydantic's errors without input values or URLs, with a picklable, JSON-safe ``ctx``."""
-    errors: list[dict[str, Any]] = []
-    for item in exc.errors(include_url=False, include_input=False):
-        error: dict[str, Any] = dict(item)
-        ctx = error.get("ctx")
-        if isinstance(ctx, dict):
-            error["ctx"] = {
-                key: value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
-                for key, value in ctx.items()
-            }
-        errors.append(error)
-    return errors
-
-
 class BoundaryValidator:
     """Validates a value against one side of a :class:`NodeContract`.
 
@@ -247,7 +232,7 @@ class BoundaryValidator:
                 raise ContractViolation(node_id, direction, raw, [_error("model_type", msg)])
             model = schema.model_validate(data)
         except ValidationError as exc:
-            raise ContractViolation(node_id, direction, raw, _plain_errors(exc)) from exc
+            raise ContractViolation(node_id, direction, raw, validation_errors(exc)) from exc
         except RecursionError as exc:
             msg = "the value is nested too deeply to validate"
             raise ContractViolation(node_id, direction, raw, [_error("recursion", msg)]) from exc

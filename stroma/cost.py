@@ -26,9 +26,11 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from stroma.errors import ConfigurationError, StromaError
-from stroma.failures import FailureClass, _configuration_error
-from stroma.money import format_usd
+from stroma.errors import BUDGET_LIMIT_FIELDS as _LIMIT_FIELDS
+from stroma.errors import BudgetExceeded, ConfigurationError
+from stroma.errors import Dimension as Dimension  # noqa: PLC0414 (re-exported: stroma.cost.Dimension stays)
+from stroma.errors import configuration_error as _configuration_error
+from stroma.failures import FailureClass, failure_classes
 from stroma.pricing import KNOWN_MODELS, estimate_cost_usd
 
 __all__ = [
@@ -44,15 +46,6 @@ __all__ = [
     "estimate_cost_usd",
     "resolve_model",
 ]
-
-Dimension = Literal["tokens", "cost", "latency", "shared_cost", "shared_tokens"]
-"""A budget dimension; ``shared_*`` are the limits of a :class:`SharedLimit` (a fleet-wide budget)."""
-
-_LIMIT_FIELDS: dict[str, str] = {
-    "tokens": "max_tokens_total",
-    "cost": "max_cost_usd",
-    "latency": "max_latency_ms",
-}
 
 
 class ExecutionBudget(BaseModel):
@@ -149,50 +142,6 @@ class ExecutionBudget(BaseModel):
             return None
         value = getattr(self, field)
         return None if value is None else float(value)
-
-
-def _format_amount(dimension: str, value: float) -> str:
-    if dimension == "cost":
-        return format_usd(value)
-    if dimension == "tokens":
-        return f"{value:,.0f} tokens"
-    if dimension == "latency":
-        return f"{value:,.0f} ms"
-    return f"{value:g}"
-
-
-class BudgetExceeded(StromaError):
-    """A run's budget is exhausted.
-
-    Attributes:
-        dimension: ``"tokens"``, ``"cost"`` (USD) or ``"latency"`` (milliseconds of wall clock).
-        limit: the budget's limit for that dimension.
-        actual: usage when the check failed (above the limit after an attempt; at or above it
-            when an attempt was about to start).
-        node_id: the step at which the check failed.
-
-    Never retried (the classifier makes it ``TERMINAL``): the run stops as ``PARTIAL`` and keeps
-    what it already paid for.
-    """
-
-    def __init__(self, dimension: Dimension, limit: float, actual: float, node_id: str) -> None:
-        self.dimension = dimension
-        self.limit = limit
-        self.actual = actual
-        self.node_id = node_id
-        super().__init__(self._message())
-
-    def _message(self) -> str:
-        setting = _LIMIT_FIELDS.get(self.dimension, self.dimension)
-        return (
-            f"{self.dimension} budget exhausted at step {self.node_id!r}: used "
-            f"{_format_amount(self.dimension, self.actual)} of a "
-            f"{_format_amount(self.dimension, self.limit)} limit. Raise ExecutionBudget.{setting} "
-            "(and resume the run) to continue."
-        )
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.dimension, self.limit, self.actual, self.node_id))
 
 
 @runtime_checkable
@@ -476,27 +425,7 @@ class FallbackPolicy:
 
 
 def _failure_classes(values: Any) -> frozenset[FailureClass]:
-    if isinstance(values, (str, FailureClass)):
-        values = (values,)
-    try:
-        items = list(values)
-    except TypeError:
-        raise ConfigurationError(
-            f"FallbackPolicy.on_failure must be a set of FailureClass values or None, got {values!r}"
-        ) from None
-    result: set[FailureClass] = set()
-    for item in items:
-        if isinstance(item, FailureClass):
-            result.add(item)
-            continue
-        try:
-            result.add(FailureClass(str(item).upper()))
-        except ValueError:
-            raise ConfigurationError(
-                f"FallbackPolicy.on_failure has an unknown failure class {item!r}; "
-                f"use {', '.join(m.value for m in FailureClass)}"
-            ) from None
-    return frozenset(result)
+    return failure_classes(values, setting="FallbackPolicy.on_failure")
 
 
 def resolve_model(

@@ -51,6 +51,7 @@ from stroma.config import NodeHooks, RunConfig
 from stroma.contracts import ContractRegistry
 from stroma.failures import FailureClass, FailurePolicy, default_policy_map
 from stroma.runner import StromaRunner
+from stroma.runstore import default_path
 from stroma.testing import FakeModel, FakeReply
 from stroma.trace import ExecutionResult, RunStatus
 
@@ -268,8 +269,6 @@ def ticket_for_run(run_id: str) -> DemoTicket | None:
 
 def checkpoint_path(run_store_path: str | os.PathLike[str] | None = None) -> Path:
     """Where the demo keeps checkpoints: beside the run store (``demo-checkpoints.sqlite3``)."""
-    from stroma.runstore import default_path
-
     base = Path(run_store_path).expanduser() if run_store_path is not None else default_path()
     return base.parent / "demo-checkpoints.sqlite3"
 

@@ -24,7 +24,7 @@ from typing import Any, Final
 from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator, model_validator
 
 from stroma.contracts import ContractViolation
-from stroma.errors import ConfigurationError, UsageError, exception_types
+from stroma.errors import BudgetExceeded, ConfigurationError, UsageError, configuration_error, exception_types
 from stroma.retry import retry_delays
 
 __all__ = [
@@ -65,6 +65,10 @@ class FailureClass(str, Enum):
         return self.value.lower()
 
 
+_BY_NAME: Final[Mapping[str, FailureClass]] = {member.value: member for member in FailureClass}
+_CLASS_NAMES: Final = ", ".join(member.value for member in FailureClass)
+
+
 class FailurePolicy(BaseModel):
     """How often, and how patiently, to retry one class of failure.
 
@@ -102,7 +106,7 @@ class FailurePolicy(BaseModel):
         try:
             super().__init__(**data)
         except ValidationError as exc:
-            raise _configuration_error("FailurePolicy", exc) from exc
+            raise configuration_error("FailurePolicy", exc) from exc
 
     @field_validator("max_retries", "backoff_seconds", "max_backoff_seconds", mode="before")
     @classmethod
@@ -147,19 +151,6 @@ class FailurePolicy(BaseModel):
         return retry_delays(self)
 
 
-def _configuration_error(owner: str, exc: ValidationError) -> ConfigurationError:
-    """A readable ``ConfigurationError`` from pydantic's errors, naming each setting and value."""
-    parts: list[str] = []
-    for error in exc.errors(include_url=False):
-        msg = str(error.get("msg", "invalid")).removeprefix("Value error, ")
-        if msg.startswith(f"{owner}."):  # our own validators already name the setting and value
-            parts.append(msg)
-            continue
-        loc = ".".join(str(part) for part in error.get("loc", ())) or "<root>"
-        parts.append(f"{owner}.{loc}={error.get('input')!r}: {msg}")
-    return ConfigurationError("; ".join(parts))
-
-
 PolicyMap = dict[FailureClass, FailurePolicy]
 """Retry policies by failure class."""
 
@@ -192,16 +183,18 @@ def check_policy_map(policies: Mapping[Any, Any], *, setting: str = "policy_map"
     naming *setting*, the key and the value otherwise.
     """
     if not isinstance(policies, Mapping):
-        raise ConfigurationError(f"{setting} must be a mapping of FailureClass to FailurePolicy, got {policies!r}")
+        raise ConfigurationError(
+            f"{setting} must be a mapping of FailureClass to FailurePolicy, got {type(policies).__name__}"
+        )
     result: PolicyMap = {}
     for key, policy in policies.items():
-        failure_class = _as_failure_class(key)
+        failure_class = parse_failure_class(key)
         if failure_class is None:
-            raise ConfigurationError(
-                f"{setting} has an unknown failure class {key!r}; use one of {', '.join(m.value for m in FailureClass)}"
-            )
+            raise ConfigurationError(f"{setting} has an unknown failure class {key!r}; use one of {_CLASS_NAMES}")
         if not isinstance(policy, FailurePolicy):
-            raise ConfigurationError(f"{setting}[{failure_class.value}] must be a FailurePolicy, got {policy!r}")
+            raise ConfigurationError(
+                f"{setting}[{failure_class.value}] must be a FailurePolicy, got {type(policy).__name__}"
+            )
         result[failure_class] = policy
     return result
 
@@ -356,7 +349,7 @@ def _ask(classifier: Classifier, exc: Exception, context: NodeContext) -> Failur
         return None
     if result is None:
         return None
-    decided = _as_failure_class(result)
+    decided = parse_failure_class(result)
     if decided is None:
         if inspect.iscoroutine(result):
             result.close()  # an async classifier: never awaited, so close it to avoid a warning
@@ -368,15 +361,41 @@ def _ask(classifier: Classifier, exc: Exception, context: NodeContext) -> Failur
     return decided
 
 
-def _as_failure_class(value: Any) -> FailureClass | None:
+def parse_failure_class(value: object) -> FailureClass | None:
+    """*value* as a :class:`FailureClass`, or ``None`` when it names none.
+
+    Stroma's one reading of a failure class given by a user (policy-map keys, fallback
+    ``on_failure`` sets, classifier results, CLI options): a member, or its name in any case
+    (``"terminal"``, ``"Recoverable"``). Anything else, ``None`` included, gives ``None``.
+    """
     if isinstance(value, FailureClass):
         return value
     if isinstance(value, str):
-        try:
-            return FailureClass(value.upper())
-        except ValueError:
-            return None
+        return _BY_NAME.get(value.strip().upper())
     return None
+
+
+def failure_classes(values: object, *, setting: str) -> frozenset[FailureClass]:
+    """A set of failure classes read with :func:`parse_failure_class`: one class or an iterable.
+
+    Raises :class:`~stroma.errors.ConfigurationError` naming *setting* for something that is not
+    iterable or an item that names no class.
+    """
+    if isinstance(values, (str, FailureClass)):
+        values = (values,)
+    try:
+        items = list(values)  # type: ignore[call-overload]
+    except TypeError:
+        raise ConfigurationError(
+            f"{setting} must be a set of FailureClass values or None, got {type(values).__name__}"
+        ) from None
+    result: set[FailureClass] = set()
+    for item in items:
+        failure_class = parse_failure_class(item)
+        if failure_class is None:
+            raise ConfigurationError(f"{setting} has an unknown failure class {item!r}; use one of {_CLASS_NAMES}")
+        result.add(failure_class)
+    return frozenset(result)
 
 
 def _log_classifier_once(classifier: Any, what: str) -> None:
@@ -406,8 +425,6 @@ def _http_status(exc: Exception) -> int | None:
 
 
 def _builtin_class(exc: Exception) -> FailureClass:
-    from stroma.cost import BudgetExceeded  # stroma.cost imports this module
-
     if isinstance(exc, (ContractViolation, BudgetExceeded, UsageError)):
         return FailureClass.TERMINAL
     if isinstance(exc, _RECOVERABLE_TYPES):

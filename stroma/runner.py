@@ -14,7 +14,7 @@ the runner only sequences it), inside one ``run {workflow}`` span (design §4)::
 
 Run ids and resuming. Each :meth:`StromaRunner.run` call gets a fresh run id, unless one is
 given (``run(..., run_id=...)`` > an explicit ``RunConfig.run_id``). With a checkpoint manager,
-the runner keeps a manifest per run (:mod:`stroma._resume`), so running a run id again:
+the runner keeps a manifest per run (:mod:`stroma._pipeline.resume`), so running a run id again:
 
 - whose run completed returns the stored result without running anything;
 - whose run stopped (crash, ``PARTIAL`` budget stop, failure) skips the steps that completed
@@ -24,7 +24,7 @@ the runner keeps a manifest per run (:mod:`stroma._resume`), so running a run id
 - whose pipeline changed (steps renamed, added, moved, or an output schema changed) raises
   :class:`~stroma.errors.PipelineChangedError` before any step runs;
 - with a different initial state than the run started with (compared by a fingerprint kept in
-  the manifest, see :mod:`stroma._resume`): a finished run starts a new execution of that run
+  the manifest, see :mod:`stroma._pipeline.resume`): a finished run starts a new execution of that run
   id, an unfinished one raises :class:`~stroma.errors.RunInputChangedError` before any step runs.
 
 ``RunConfig.resume_from=<step id>`` keeps the established meaning: skip the steps before it,
@@ -53,10 +53,16 @@ from typing import Any, Final, Literal, TypeVar
 
 from pydantic import BaseModel
 
-from stroma._parallel import MergeConflict, merge_outputs, run_parallel_stage
-from stroma._pipeline import ConflictRule, ParallelGroup, Plan, PlanCache, Stage, mark_node, parallel
-from stroma._resume import ManifestWriter, ResumePoint, find_resume_point, input_fingerprint
-from stroma.checkpoint import AsyncCheckpointStore, AsyncInMemoryStore, CheckpointManager, CheckpointStore
+from stroma._pipeline.parallel import MergeConflict, merge_outputs, run_parallel_stage
+from stroma._pipeline.plan import ConflictRule, ParallelGroup, Plan, PlanCache, Stage, mark_node, parallel
+from stroma._pipeline.resume import ManifestWriter, ResumePoint, find_resume_point, input_fingerprint
+from stroma.checkpoint import (
+    AsyncCheckpointStore,
+    AsyncInMemoryStore,
+    CheckpointManager,
+    CheckpointStore,
+    RedisStore,
+)
 from stroma.config import NodeHooks, RunConfig, StepHooks, check_run_id, new_run_id
 from stroma.contracts import ContractRegistry, NodeContract
 from stroma.cost import ExecutionBudget, FallbackPolicy
@@ -64,7 +70,7 @@ from stroma.errors import ConfigurationError
 from stroma.failures import Classifier, FailureClass, PolicyMap
 from stroma.middleware import ReliabilityContext, execute_step
 from stroma.telemetry import sinks
-from stroma.trace import ExecutionResult, RunStatus
+from stroma.trace import FINISHED_STATUSES, ExecutionResult, RunStatus
 
 __all__ = [
     "ConflictRule",
@@ -202,8 +208,6 @@ class StromaRunner:
         ``redis`` extra. No connection is made until a run checkpoints; an unreachable server
         then fails the run with a ``CheckpointError`` naming the server.
         """
-        from stroma.checkpoint import RedisStore
-
         self.checkpoint_manager = CheckpointManager(RedisStore(redis_url, ttl_seconds, **options))
         return self
 
@@ -316,7 +320,7 @@ class StromaRunner:
         without id or contract, a duplicate step id, or per-step settings naming unknown steps
         (the message lists the known ids), or a step whose required input field the step before
         it never outputs (the message names both steps and the field; see
-        :meth:`~stroma._pipeline.Plan.check_feeds`); :class:`~stroma.errors.PipelineChangedError` when the
+        :meth:`~stroma._pipeline.plan.Plan.check_feeds`); :class:`~stroma.errors.PipelineChangedError` when the
         run id was checkpointed by a different pipeline;
         :class:`~stroma.errors.RunInputChangedError` when an unfinished run id is given a
         different initial state than it started with. Raises
@@ -362,7 +366,7 @@ class StromaRunner:
                     )
                 if writer is not None:
                     status = result.status
-                    await writer.save(status.otel_value, result if status in _FINISHED else None)
+                    await writer.save(status.otel_value, result if status in FINISHED_STATUSES else None)
                 return result
             except BaseException as exc:
                 if not isinstance(exc, Exception):  # Ctrl-C, cancellation, interpreter exit
@@ -464,9 +468,6 @@ class StromaRunner:
                 ctx.restore_step(step.step_id, output, **point.usage(step.step_id))
                 done[step.step_id] = output
         return done
-
-
-_FINISHED = frozenset({RunStatus.COMPLETED, RunStatus.RESUMED})
 
 
 INTERRUPTED: Final = "interrupted"

@@ -15,13 +15,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
 from functools import lru_cache
-from typing import Any, Protocol
+from typing import Annotated, Any, Final, Protocol
 
-from pydantic import TypeAdapter, ValidationError
+from pydantic import BeforeValidator, TypeAdapter, ValidationError
 from pydantic_core import to_jsonable_python
 
 from stroma.cost import BudgetExceeded
-from stroma.failures import FailureClass
+from stroma.errors import describe_validation_error
+from stroma.failures import FailureClass, parse_failure_class
 
 __all__ = ["ExecutionResult", "ExecutionTrace", "RunStatus", "TraceEvent"]
 
@@ -47,6 +48,20 @@ class RunStatus(str, Enum):
     def otel_value(self) -> str:
         """The value for the ``stroma.run.status`` span attribute (``"completed"``, ...)."""
         return self.value.lower()
+
+
+FINISHED_STATUSES: Final = frozenset({RunStatus.COMPLETED, RunStatus.RESUMED})
+"""Statuses of a run that reached its end: its result is final and running its id again returns it."""
+
+FINISHED_VALUES: Final = frozenset(status.otel_value for status in FINISHED_STATUSES)
+""":data:`FINISHED_STATUSES` as stored in run manifests and run records (``"completed"``, ``"resumed"``)."""
+
+
+def _read_failure_class(value: object) -> object:
+    # trace JSON is read with the one failure-class reading (a name in any case); anything else is
+    # left for the enum's own validation to refuse
+    parsed = parse_failure_class(value)
+    return value if parsed is None else parsed
 
 
 @dataclass
@@ -81,7 +96,7 @@ class TraceEvent:
     input_state: dict[str, Any]
     output_state: dict[str, Any] | None
     duration_ms: int
-    failure: FailureClass | None = None
+    failure: Annotated[FailureClass | None, BeforeValidator(_read_failure_class)] = None
     failure_message: str | None = None
     model: str | None = None
     input_tokens: int = 0
@@ -229,7 +244,9 @@ class ExecutionTrace:
         try:
             events = _events_adapter().validate_python(raw)
         except ValidationError as exc:
-            raise ValueError(f"trace JSON does not describe trace events: {exc}") from exc
+            raise ValueError(
+                f"trace JSON does not describe trace events: {describe_validation_error('events', exc)}"
+            ) from exc
         return cls(events)
 
     # --- diff ------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from stroma._tools import debian_env, redis_server
+from stroma.stack._native import debian_env, redis_server
 
 
 def free_port() -> int:

@@ -6,6 +6,7 @@ import warnings
 from typing import Any
 
 import pytest
+from pydantic import BaseModel
 
 from stroma import (
     ConfigurationError,
@@ -19,6 +20,7 @@ from stroma import (
     TelemetrySettings,
     default_policy_map,
 )
+from stroma.checkpoint import InMemoryStore
 from stroma.config import check_run_id, new_run_id
 
 
@@ -73,9 +75,11 @@ def test_every_field_can_be_set() -> None:
         ({"run_timeout_ms": True}, "RunConfig.run_timeout_ms"),
         ({"workflow_name": ""}, "RunConfig.workflow_name"),
         ({"workflow_name": "a\tb"}, "RunConfig.workflow_name"),
-        ({"policy_map": {"recoverable": FailurePolicy()}}, "RunConfig.policy_map"),
-        ({"policy_map": {FailureClass.RECOVERABLE: 3}}, "RunConfig.policy_map.RECOVERABLE"),
-        ({"node_policies": {"a": {FailureClass.TERMINAL: "x"}}}, "RunConfig.node_policies.a.TERMINAL"),
+        ({"policy_map": {"fatal": FailurePolicy()}}, "RunConfig.policy_map has an unknown failure class"),
+        ({"policy_map": [FailureClass.RECOVERABLE]}, "RunConfig.policy_map must be a mapping"),
+        ({"policy_map": {FailureClass.RECOVERABLE: 3}}, "RunConfig.policy_map[RECOVERABLE] must be a FailurePolicy"),
+        ({"node_policies": {"a": {FailureClass.TERMINAL: "x"}}}, "RunConfig.node_policies['a'][TERMINAL]"),
+        ({"node_policies": [("a", {})]}, "RunConfig.node_policies must be a dict"),
         ({"classifiers": [42]}, "RunConfig.classifiers.0"),
         (
             {"budget": ExecutionBudget(max_cost_usd=0.0), "model_fallbacks": [FallbackPolicy("a", "b")]},
@@ -151,3 +155,43 @@ def test_run_id_helpers() -> None:
         check_run_id("", setting="my.setting")
     with pytest.raises(ConfigurationError):
         check_run_id(5)
+
+
+class _Saved(BaseModel):
+    text: str = "x"
+
+
+@pytest.mark.parametrize(
+    ("run_id", "valid"),
+    [
+        ("r-1", True),
+        ("tenant:a/run 7", True),
+        ("é" * 256, True),
+        ("", False),
+        ("a\nb", False),
+        ("a\x7fb", False),
+        ("x" * 257, False),
+    ],
+)
+def test_one_run_id_rule_for_configuration_and_checkpoint_stores(run_id: str, valid: bool) -> None:
+    # RunConfig, run(run_id=...) and every checkpoint store apply the same rule (stroma._ids)
+    store = InMemoryStore()
+    if valid:
+        assert RunConfig(run_id=run_id).run_id == run_id
+        assert check_run_id(run_id, setting="run(run_id=...)") == run_id
+        store.save(run_id, "s", _Saved())
+        assert store.load(run_id, "s") == _Saved()
+    else:
+        with pytest.raises(ConfigurationError, match=r"RunConfig\.run_id must"):
+            RunConfig(run_id=run_id)
+        with pytest.raises(ConfigurationError, match=r"run\(run_id=\.\.\.\) must"):
+            check_run_id(run_id, setting="run(run_id=...)")
+        with pytest.raises(ValueError, match="run_id must"):
+            store.save(run_id, "s", _Saved())
+
+
+def test_a_run_id_that_is_not_a_string_is_refused_everywhere() -> None:
+    with pytest.raises(ConfigurationError, match="must be a string, got int"):
+        RunConfig(run_id=7)
+    with pytest.raises(TypeError, match="run_id must be a str"):
+        InMemoryStore().save(7, "s", _Saved())  # type: ignore[arg-type]

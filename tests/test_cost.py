@@ -59,17 +59,21 @@ def test_zero_limits_are_allowed() -> None:
         ({"max_cost_usd": -0.01}, "max_cost_usd", "-0.01"),
         ({"max_cost_usd": math.nan}, "max_cost_usd", "nan"),
         ({"max_cost_usd": math.inf}, "max_cost_usd", "inf"),
-        ({"max_cost_usd": "cheap"}, "max_cost_usd", "'cheap'"),
+        ({"max_cost_usd": "cheap"}, "max_cost_usd", None),
         ({"max_latency_ms": -5}, "max_latency_ms", "-5"),
         ({"max_latency_ms": math.inf}, "max_latency_ms", "inf"),
-        ({"unpriced": "ignore"}, "unpriced", "'ignore'"),
+        ({"unpriced": "ignore"}, "unpriced", None),
     ],
 )
-def test_invalid_budget_names_the_setting_and_value(kwargs: dict[str, Any], setting: str, value: str) -> None:
+def test_invalid_budget_names_the_setting_and_value(kwargs: dict[str, Any], setting: str, value: str | None) -> None:
     with pytest.raises(ConfigurationError) as info:
         ExecutionBudget(**kwargs)
     assert isinstance(info.value, ValueError)
-    assert f"ExecutionBudget.{setting}={value}" in str(info.value)
+    if value is None:  # text is never repeated in a message: only numbers are
+        assert f"ExecutionBudget.{setting}:" in str(info.value)
+        assert str(kwargs[setting]) not in str(info.value)
+    else:
+        assert f"ExecutionBudget.{setting}={value}" in str(info.value)
 
 
 def test_budget_pickles() -> None:

@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from stroma.config import RunConfig
 from stroma.contracts import ContractViolation
-from stroma.cost import BudgetExceeded
+from stroma.cost import BudgetExceeded, FallbackPolicy
 from stroma.errors import ConfigurationError
 from stroma.failures import (
     FailureClass,
@@ -24,6 +25,7 @@ from stroma.failures import (
     check_policy_map,
     classify,
     default_policy_map,
+    parse_failure_class,
     resolve_policy,
 )
 
@@ -68,7 +70,7 @@ def test_large_base_delay_raises_the_default_cap() -> None:
         ({"max_retries": 101}, "max_retries", "101"),
         ({"max_retries": 1.5}, "max_retries", "1.5"),
         ({"max_retries": True}, "max_retries", "True"),
-        ({"max_retries": "many"}, "max_retries", "'many'"),
+        ({"max_retries": "many"}, "max_retries", None),
         ({"backoff_seconds": -0.5}, "backoff_seconds", "-0.5"),
         ({"backoff_seconds": math.nan}, "backoff_seconds", "nan"),
         ({"backoff_seconds": math.inf}, "backoff_seconds", "inf"),
@@ -76,13 +78,16 @@ def test_large_base_delay_raises_the_default_cap() -> None:
         ({"backoff_seconds": 10.0, "max_backoff_seconds": 5.0}, "max_backoff_seconds", "5.0"),
     ],
 )
-def test_invalid_policy_names_the_setting_and_value(kwargs: dict[str, Any], setting: str, value: str) -> None:
+def test_invalid_policy_names_the_setting_and_value(kwargs: dict[str, Any], setting: str, value: str | None) -> None:
     with pytest.raises(ConfigurationError) as info:
         FailurePolicy(**kwargs)
     message = str(info.value)
     assert isinstance(info.value, ValueError)
     assert f"FailurePolicy.{setting}" in message
-    assert value in message
+    if value is None:  # a text value is never repeated (settings can be read from secrets' neighbours)
+        assert "many" not in message
+    else:
+        assert value in message
 
 
 def test_policy_rejects_unknown_settings() -> None:
@@ -122,10 +127,53 @@ def test_check_policy_map() -> None:
     assert check_policy_map({"recoverable": policy, T: policy}) == {R: policy, T: policy}
     with pytest.raises(ConfigurationError, match=r"policy_map has an unknown failure class 'FATAL'"):
         check_policy_map({"FATAL": policy})
-    with pytest.raises(ConfigurationError, match=r"node_policies\[TERMINAL\] must be a FailurePolicy, got 3"):
+    with pytest.raises(ConfigurationError, match=r"node_policies\[TERMINAL\] must be a FailurePolicy, got int"):
         check_policy_map({T: 3}, setting="node_policies")
     with pytest.raises(ConfigurationError, match="must be a mapping"):
         check_policy_map([R])  # type: ignore[arg-type]
+
+
+def test_run_config_validates_policy_maps_with_the_one_rule() -> None:
+    # RunConfig used to refuse what check_policy_map accepted ("recoverable"); one rule now
+    policy = FailurePolicy(max_retries=2)
+    config = RunConfig(policy_map={"recoverable": policy}, node_policies={"a": {" Terminal ": policy}})
+    assert config.policy_map == {R: policy}
+    assert config.node_policies == {"a": {T: policy}}
+    for bad in ({"FATAL": policy}, {R: 3}, [R]):
+        with pytest.raises(ConfigurationError) as config_error:
+            RunConfig(policy_map=bad)
+        with pytest.raises(ConfigurationError) as map_error:
+            check_policy_map(bad, setting="RunConfig.policy_map")  # type: ignore[arg-type]
+        assert str(map_error.value) in str(config_error.value)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (R, R),
+        ("terminal", T),
+        ("AMBIGUOUS", A),
+        (" Recoverable ", R),
+        ("fatal", None),
+        ("", None),
+        (None, None),
+        (3, None),
+    ],
+)
+def test_parse_failure_class_is_the_one_reading(value: Any, expected: FailureClass | None) -> None:
+    assert parse_failure_class(value) is expected
+    # every place that reads a failure class from the user agrees with it
+    policy = FailurePolicy()
+    if expected is None:
+        with pytest.raises(ConfigurationError):
+            check_policy_map({value: policy})
+        with pytest.raises(ConfigurationError):
+            FallbackPolicy("a", "b", on_failure=[value])
+        assert classify(ValueError("x"), NodeContext("s", 1, "r"), [lambda exc, ctx: value]) is A
+    else:
+        assert check_policy_map({value: policy}) == {expected: policy}
+        assert FallbackPolicy("a", "b", on_failure=[value]).on_failure == frozenset({expected})
+        assert classify(ValueError("x"), NodeContext("s", 1, "r"), [lambda exc, ctx: value]) is expected
 
 
 # --- NodeContext -------------------------------------------------------------------------------

@@ -204,6 +204,25 @@ def test_from_json_rejects_malformed_input(payload: str, message: str) -> None:
         ExecutionTrace.from_json(payload)
 
 
+@pytest.mark.parametrize(
+    ("written", "read"), [("RECOVERABLE", FailureClass.RECOVERABLE), ("terminal", FailureClass.TERMINAL)]
+)
+def test_from_json_reads_failure_classes_as_everywhere_else(written: str, read: FailureClass) -> None:
+    base = {
+        "node_id": "a",
+        "run_id": "r",
+        "attempt": 1,
+        "timestamp_utc": "2026-11-28T12:00:00+00:00",
+        "input_state": {},
+        "output_state": None,
+        "duration_ms": 1,
+    }
+    (only,) = ExecutionTrace.from_json(json.dumps([{**base, "failure": written}]))
+    assert only.failure is read
+    with pytest.raises(ValueError, match="failure"):
+        ExecutionTrace.from_json(json.dumps([{**base, "failure": "fatal"}]))
+
+
 def test_from_json_ignores_unknown_keys_and_fills_defaults() -> None:
     payload = json.dumps(
         [

@@ -52,7 +52,8 @@ from typing import Any, Final, TypeVar
 from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
 from pydantic_core import PydanticSerializationError
 
-from stroma.errors import CheckpointError
+from stroma._ids import run_id_problem
+from stroma.errors import CheckpointError, describe_validation_error
 
 FORMAT: Final = "stroma.checkpoint"
 FORMAT_VERSION: Final = 1
@@ -69,7 +70,6 @@ _ENVELOPE_FIELDS: Final = frozenset(
 _ANNOTATION_KEYWORDS: Final = frozenset({"title", "description", "examples", "$comment"})
 # JSON-schema keywords whose value maps *names* (of properties, definitions) to sub-schemas.
 _NAME_MAPS: Final = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
-_MAX_ERRORS_IN_MESSAGE: Final = 5
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -104,11 +104,13 @@ class CheckpointData(BaseModel):
 
 
 def check_run_id(run_id: object) -> str:
-    """Return *run_id* if it is a non-empty ``str``; raise ``TypeError`` / ``ValueError`` otherwise."""
+    """Return *run_id* if it is a run id (:func:`stroma._ids.run_id_problem`, the rule ``RunConfig``
+    applies too); raise ``TypeError`` for a non-``str``, ``ValueError`` for a bad string."""
     if not isinstance(run_id, str):
         raise TypeError(f"run_id must be a str, got {type(run_id).__name__}")
-    if not run_id:
-        raise ValueError("run_id must be a non-empty string")
+    problem = run_id_problem(run_id)
+    if problem is not None:
+        raise ValueError(f"run_id {problem}")
     return run_id
 
 
@@ -434,23 +436,11 @@ def _stored_schema(envelope: Mapping[str, Any]) -> tuple[str, str]:
     return "", ""
 
 
-def summarize_validation_error(exc: ValidationError) -> str:
-    """``"field.path: message; …"`` without the offending values (they may be secrets)."""
-    errors = exc.errors(include_url=False, include_input=False, include_context=False)
-    parts = [
-        f"{'.'.join(str(part) for part in error['loc']) or '<root>'}: {error['msg']}"
-        for error in errors[:_MAX_ERRORS_IN_MESSAGE]
-    ]
-    if len(errors) > _MAX_ERRORS_IN_MESSAGE:
-        parts.append(f"and {len(errors) - _MAX_ERRORS_IN_MESSAGE} more")
-    return "; ".join(parts)
-
-
 def _revalidate(state: BaseModel, model: type[M], run_id: str, step_id: str, *, action: str) -> M:
     try:
         return model.model_validate_json(state.model_dump_json(by_alias=True, round_trip=True))
     except (ValidationError, PydanticSerializationError) as exc:
-        detail = summarize_validation_error(exc) if isinstance(exc, ValidationError) else str(exc)
+        detail = describe_validation_error(None, exc) if isinstance(exc, ValidationError) else str(exc)
         raise CheckpointError(
             f"cannot {action} {record(run_id, step_id)}: a {type(state).__name__} "
             f"does not validate as {model.__name__} ({detail})",
@@ -493,7 +483,8 @@ def decode_step(raw: str | bytes | bytearray, run_id: str, step_id: str, schema:
         return schema.model_validate_json(_canonical(envelope["payload"]))
     except ValidationError as exc:
         raise CheckpointError(
-            f"{record(run_id, step_id)} does not validate as {schema_name(schema)}: {summarize_validation_error(exc)}",
+            f"{record(run_id, step_id)} does not validate as {schema_name(schema)}: "
+            f"{describe_validation_error(None, exc)}",
             run_id=run_id,
             node_id=step_id,
         ) from exc

@@ -52,13 +52,13 @@ from typing import Any, Final, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from stroma._ids import RESERVED_PREFIX
 from stroma.checkpoint import _codec
 from stroma.checkpoint._protocols import AsyncCheckpointStore, CheckpointStore, require_model_class
-from stroma.errors import CheckpointError, ConfigurationError
+from stroma.errors import CheckpointError, ConfigurationError, describe_validation_error
 
 DEFAULT_TIMEOUT_SECONDS: Final = 30.0
-MANIFEST_STEP_ID: Final = "\x00stroma:manifest"
-_RESERVED_PREFIX: Final = "\x00stroma:"
+MANIFEST_STEP_ID: Final = RESERVED_PREFIX + "manifest"
 _REQUIRED: Final = ("save", "load", "delete")
 _OPTIONAL: Final = ("save_typed", "load_typed", "save_manifest", "load_manifest", "completed_steps")
 
@@ -237,8 +237,8 @@ class CheckpointManager:
     def _check_ids(run_id: str, node_id: str) -> None:
         _codec.check_run_id(run_id)
         _codec.check_step_id(node_id)
-        if node_id.startswith(_RESERVED_PREFIX):
-            raise ValueError(f"step ids starting with {_RESERVED_PREFIX!r} are reserved for Stroma")
+        if node_id.startswith(RESERVED_PREFIX):
+            raise ValueError(f"step ids starting with {RESERVED_PREFIX!r} are reserved for Stroma")
 
     # --- step checkpoints ------------------------------------------------------------------------
 
@@ -293,7 +293,7 @@ class CheckpointManager:
             except ValidationError as exc:
                 raise CheckpointError(
                     f"{_codec.record(run_id, node_id)} does not validate as "
-                    f"{_codec.schema_name(schema)}: {_codec.summarize_validation_error(exc)}",
+                    f"{_codec.schema_name(schema)}: {describe_validation_error(None, exc)}",
                     run_id=run_id,
                     node_id=node_id,
                 ) from exc

@@ -29,17 +29,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sqlite3
 import sys
 from collections.abc import Sequence
 from typing import TextIO
 
+from pydantic import ValidationError
+
 from stroma._version import __version__
+from stroma.cli import commands
 from stroma.cli._args import Parser, UsageError, budget_usd, http_url, positive_int
+from stroma.cli._logging import configure_logging
 from stroma.cli.render import error_document
-from stroma.errors import StromaError
+from stroma.errors import StromaError, describe_validation_error
 from stroma.runstore import RunLookupError
 
 __all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "build_parser", "main"]
@@ -168,45 +171,6 @@ def build_parser() -> Parser:
     return parser
 
 
-class ExportProblems(logging.Handler):
-    """Keeps the OpenTelemetry SDK's warnings (failed exports) so the CLI can report them in one line."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.first: str | None = None
-        self.count = 0
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.count += 1
-        if self.first is None:
-            try:
-                self.first = " ".join(record.getMessage().split())
-            except Exception:
-                self.first = record.msg if isinstance(record.msg, str) else "unreadable log record"
-
-
-EXPORT_PROBLEMS = ExportProblems()
-
-
-def _configure_logging(debug: bool) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("stroma: %(levelname)s: %(name)s: %(message)s"))
-    root = logging.getLogger("stroma")
-    root.handlers[:] = [handler]
-    root.propagate = False
-    # Without --debug the CLI reports what matters itself; the library's warnings (a breach, a
-    # retry) would repeat it. Errors still show.
-    root.setLevel(logging.DEBUG if debug else logging.ERROR)
-    if not debug:
-        # Keep the native stack's progress messages (builds take minutes).
-        logging.getLogger("stroma.stack").setLevel(logging.INFO)
-        logging.getLogger("stroma._tools").setLevel(logging.INFO)
-        # The SDK logs every retry of an export to stderr; the demo reports delivery in one line.
-        sdk = logging.getLogger("opentelemetry")
-        sdk.handlers[:] = [EXPORT_PROBLEMS]
-        sdk.propagate = False
-
-
 def _error(message: str, stream: TextIO) -> None:
     first = message.strip().splitlines()[0] if message.strip() else "failed"
     rest = message.strip().splitlines()[1:]
@@ -241,12 +205,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return int(exc.code or 0) if not isinstance(exc.code, str) else EXIT_USAGE
         debug = bool(getattr(args, "debug", False))
         as_json = bool(getattr(args, "json", False))
-        _configure_logging(debug)
+        configure_logging(debug)
         if args.command is None:
             build_parser().print_help(stdout)
             return EXIT_USAGE
-        from stroma.cli import commands
-
         return commands.dispatch(args, stdout)
     except (UsageError, RunLookupError) as exc:
         return _report(str(exc), "usage", EXIT_USAGE, as_json=as_json, stdout=stdout, stderr=stderr)
@@ -265,5 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         if debug:
             raise
-        message = f"unexpected {type(exc).__name__}: {exc} (run again with --debug for the traceback)"
+        # pydantic's own text repeats the input values; the one formatter leaves them out
+        detail = describe_validation_error(None, exc) if isinstance(exc, ValidationError) else str(exc)
+        message = f"unexpected {type(exc).__name__}: {detail} (run again with --debug for the traceback)"
         return _report(message, "failed", EXIT_FAILED, as_json=as_json, stdout=stdout, stderr=stderr)

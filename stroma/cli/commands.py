@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import sys
-from typing import Any, TextIO
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
 
+from stroma import runstore, stack
 from stroma.checkpoint import AsyncSQLiteStore
 from stroma.cli._args import UsageError
+from stroma.cli._logging import EXPORT_PROBLEMS
+from stroma.cli.jaeger import fetch_run_records
+from stroma.cli.progress import ProgressPrinter
 from stroma.cli.render import (
     Style,
     build_tree,
@@ -24,8 +30,13 @@ from stroma.cli.render import (
     render_tree,
 )
 from stroma.errors import ConfigurationError
+from stroma.pricing import price_for
 from stroma.runstore import LocalRunStore, RunLookupError, RunStoreError
-from stroma.trace import RunStatus
+from stroma.telemetry import configure_otlp, shutdown
+from stroma.trace import FINISHED_VALUES, ExecutionResult, RunStatus
+
+if TYPE_CHECKING:
+    from stroma.demo import DemoTicket
 
 __all__ = ["dispatch"]
 
@@ -62,12 +73,7 @@ def dispatch(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
-    import asyncio
-
-    from stroma import demo, runstore
-    from stroma.cli.progress import ProgressPrinter
-    from stroma.telemetry import configure_otlp, shutdown
-    from stroma.trace import ExecutionResult
+    from stroma import demo  # loads OpenTelemetry's SDK: only `stroma demo` pays for it
 
     if args.resume and args.runs != 1:
         raise UsageError("--resume continues one run; leave out --runs")
@@ -77,76 +83,25 @@ def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
     store = runstore.enable_local_store(store.path, store.max_runs)
     checkpoints = demo.checkpoint_path(store.path)
     budget = args.budget if args.budget is not None else demo.DEFAULT_BUDGET_USD
-    resume: tuple[str, demo.DemoTicket] | None = None
-    if args.resume:
-        resume = _demo_resume_target(store, args.resume)
+    resume = _demo_resume_target(store, args.resume) if args.resume else None
 
     endpoint = args.otlp or _env_endpoint()
     if args.otlp or args.otlp_protocol:
         configure_otlp(args.otlp, protocol=args.otlp_protocol)
 
     style = _style(args, out)
-    printer = None if args.json else ProgressPrinter(out, style)
-    if printer is not None:
-        printer.expect_steps(list(demo.STEP_IDS))
-        out.write(
-            f"Stroma demo: a support-ticket agent ({' > '.join(demo.STEP_IDS)}) on scripted models "
-            "with real prices.\n"
-            f"Budget {format_budget(budget)} per run; at {demo.FALLBACK_AT:.0%} of it {demo.LARGE_MODEL} falls "
-            f"back to {demo.FALLBACK_MODEL}.\n"
-        )
-    trees: list[Any] = []
-
-    def on_start(run_id: str, ticket: demo.DemoTicket) -> None:
-        if printer is not None:
-            printer.write("")
-            printer.write(
-                f'{style.paint("run " + run_id, "bold")}  #{ticket.number} "{ticket.subject}" '
-                f"({ticket.category}, {ticket.priority})"
-            )
-
-    def on_end(result: ExecutionResult, ticket: demo.DemoTicket) -> None:
-        tree = _stored_tree(store, result)
-        trees.append((ticket, tree))
-        if printer is not None:
-            printer.finish_open_steps(result.run_id, "stopped: " + _stop_reason(tree, result))
-            printer.write(_run_outcome_line(tree, result, style, budget))
-            if result.status is not RunStatus.COMPLETED:
-                printer.write(
-                    "  Completed steps are checkpointed. Continue it with a larger budget:  "
-                    f"stroma demo --resume {result.run_id} --budget {max(budget * 2, demo.DEFAULT_BUDGET_USD):g}"
-                )
-
-    hooks = printer.hooks() if printer is not None else None
+    view = _DemoView(
+        store,
+        style,
+        budget,
+        max(budget * 2, demo.DEFAULT_BUDGET_USD),
+        None if args.json else ProgressPrinter(out, style),
+    )
+    view.introduce(out)
     try:
-        if resume is not None:
-            run_id, ticket = resume
-            on_start(run_id, ticket)
-
-            async def resume_run() -> ExecutionResult:
-                async with AsyncSQLiteStore(checkpoints, durable=False) as sqlite:
-                    return await demo.run_ticket(ticket, run_id=run_id, budget_usd=budget, store=sqlite, hooks=hooks)
-
-            on_end(asyncio.run(resume_run()), ticket)
-        else:
-            asyncio.run(
-                demo.run_demo(
-                    args.runs,
-                    budget_usd=budget,
-                    checkpoints=checkpoints,
-                    hooks=hooks,
-                    on_run_start=on_start,
-                    on_run_end=on_end,
-                )
-            )
+        _run_demo_runs(args.runs, view, checkpoints, resume)
     finally:
-        delivered = shutdown(5.0) if endpoint else True
-        _report_export_problems(endpoint)
-        if store.dropped:
-            sys.stderr.write(
-                f"stroma: warning: {store.dropped} run(s) could not be kept in the run store {store.path}: "
-                f"{store.last_error}\n"
-            )
+        delivered = _finish_demo_telemetry(endpoint, store)
     if args.json:
         _print_json(
             {
@@ -154,35 +109,126 @@ def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
                 "checkpoints": str(checkpoints),
                 "otlp_endpoint": endpoint,
                 "telemetry_delivered": delivered if endpoint else None,
-                "runs": [{"ticket": ticket.number, **tree.to_dict()} for ticket, tree in trees],
+                "runs": [{"ticket": ticket.number, **tree.to_dict()} for ticket, tree in view.trees],
             },
             out,
         )
-        return 0
-    assert printer is not None
-    first = trees[0][1]
-    printer.write("")
-    printer.write(render_tree(first, style))
-    if len(trees) > 1:
-        printer.write("")
-        printer.write(render_runs_table(store.list_runs(min(len(trees), 20)), style))
-    printer.write("")
-    printer.write(f"Runs are kept in {store.path} (the newest {store.max_runs}).")
-    if endpoint:
-        state = "sent" if delivered else style.paint("not all delivered within 5 s", "warn")
-        printer.write(f"Spans and metrics were exported over OTLP to {endpoint} ({state}).")
-        printer.write(f"  stroma show {first.run_id} --jaeger {_jaeger_hint(endpoint)}")
-    printer.write("  stroma runs                          recent runs")
-    printer.write(f"  stroma show {first.run_id:<24} this run as a tree")
-    if first.status == "completed":
-        printer.write("  stroma demo --budget 0.05            watch a budget breach stop a run")
-    printer.write("  stroma demo --runs 6                 all six tickets")
+    else:
+        view.summarize(endpoint, delivered)
     return 0
 
 
-def _report_export_problems(endpoint: str | None) -> None:
-    from stroma.cli import EXPORT_PROBLEMS
+def _run_demo_runs(runs: int, view: _DemoView, checkpoints: Path, resume: tuple[str, DemoTicket] | None) -> None:
+    """Run the demo's tickets (or continue the one run *resume* names), reporting to *view*."""
+    from stroma import demo
 
+    if resume is None:
+        asyncio.run(
+            demo.run_demo(
+                runs,
+                budget_usd=view.budget,
+                checkpoints=checkpoints,
+                hooks=view.hooks,
+                on_run_start=view.on_start,
+                on_run_end=view.on_end,
+            )
+        )
+        return
+    run_id, ticket = resume
+    view.on_start(run_id, ticket)
+
+    async def resume_run() -> ExecutionResult:
+        async with AsyncSQLiteStore(checkpoints, durable=False) as sqlite:
+            return await demo.run_ticket(ticket, run_id=run_id, budget_usd=view.budget, store=sqlite, hooks=view.hooks)
+
+    view.on_end(asyncio.run(resume_run()), ticket)
+
+
+class _DemoView:
+    """What ``stroma demo`` shows while its runs go (nothing but the JSON with ``--json``), and the
+    run trees it collects for the summary."""
+
+    def __init__(
+        self, store: LocalRunStore, style: Style, budget: float, next_budget: float, printer: ProgressPrinter | None
+    ) -> None:
+        self.store = store
+        self.style = style
+        self.budget = budget
+        self.next_budget = next_budget  # what --resume is suggested with after a breach
+        self.printer = printer
+        self.trees: list[tuple[DemoTicket, Any]] = []
+        self.hooks = printer.hooks() if printer is not None else None
+
+    def introduce(self, out: TextIO) -> None:
+        from stroma import demo
+
+        if self.printer is None:
+            return
+        self.printer.expect_steps(list(demo.STEP_IDS))
+        out.write(
+            f"Stroma demo: a support-ticket agent ({' > '.join(demo.STEP_IDS)}) on scripted models "
+            "with real prices.\n"
+            f"Budget {format_budget(self.budget)} per run; at {demo.FALLBACK_AT:.0%} of it {demo.LARGE_MODEL} falls "
+            f"back to {demo.FALLBACK_MODEL}.\n"
+        )
+
+    def on_start(self, run_id: str, ticket: DemoTicket) -> None:
+        if self.printer is not None:
+            self.printer.write("")
+            self.printer.write(
+                f'{self.style.paint("run " + run_id, "bold")}  #{ticket.number} "{ticket.subject}" '
+                f"({ticket.category}, {ticket.priority})"
+            )
+
+    def on_end(self, result: ExecutionResult, ticket: DemoTicket) -> None:
+        tree = _stored_tree(self.store, result)
+        self.trees.append((ticket, tree))
+        if self.printer is None:
+            return
+        self.printer.finish_open_steps(result.run_id, "stopped: " + _stop_reason(tree, result))
+        self.printer.write(_run_outcome_line(tree, result, self.style, self.budget))
+        if result.status is not RunStatus.COMPLETED:
+            self.printer.write(
+                "  Completed steps are checkpointed. Continue it with a larger budget:  "
+                f"stroma demo --resume {result.run_id} --budget {self.next_budget:g}"
+            )
+
+    def summarize(self, endpoint: str | None, delivered: bool) -> None:
+        """The first run as a tree, the table of runs, and what to try next."""
+        printer, style, store = self.printer, self.style, self.store
+        assert printer is not None
+        first = self.trees[0][1]
+        printer.write("")
+        printer.write(render_tree(first, style))
+        if len(self.trees) > 1:
+            printer.write("")
+            printer.write(render_runs_table(store.list_runs(min(len(self.trees), 20)), style))
+        printer.write("")
+        printer.write(f"Runs are kept in {store.path} (the newest {store.max_runs}).")
+        if endpoint:
+            state = "sent" if delivered else style.paint("not all delivered within 5 s", "warn")
+            printer.write(f"Spans and metrics were exported over OTLP to {endpoint} ({state}).")
+            printer.write(f"  stroma show {first.run_id} --jaeger {_jaeger_hint(endpoint)}")
+        printer.write("  stroma runs                          recent runs")
+        printer.write(f"  stroma show {first.run_id:<24} this run as a tree")
+        if first.status == "completed":
+            printer.write("  stroma demo --budget 0.05            watch a budget breach stop a run")
+        printer.write("  stroma demo --runs 6                 all six tickets")
+
+
+def _finish_demo_telemetry(endpoint: str | None, store: LocalRunStore) -> bool:
+    """Flush the exporters (when exporting), report what did not arrive; whether all was delivered."""
+    delivered = shutdown(5.0) if endpoint else True
+    _report_export_problems(endpoint)
+    if store.dropped:
+        sys.stderr.write(
+            f"stroma: warning: {store.dropped} run(s) could not be kept in the run store {store.path}: "
+            f"{store.last_error}\n"
+        )
+    return delivered
+
+
+def _report_export_problems(endpoint: str | None) -> None:
     if EXPORT_PROBLEMS.first is None:
         return
     more = f" ({EXPORT_PROBLEMS.count} messages; --debug shows them)" if EXPORT_PROBLEMS.count > 1 else ""
@@ -192,8 +238,6 @@ def _report_export_problems(endpoint: str | None) -> None:
 def _jaeger_hint(endpoint: str) -> str:
     """Jaeger's query URL for a collector at *endpoint*: the native stack's, else compose's."""
     try:
-        from stroma import stack
-
         status = stack.status()
         info = status.info
         if info is not None and endpoint.rstrip("/") in (info.otlp_http_endpoint, info.otlp_grpc_endpoint):
@@ -215,7 +259,7 @@ def _demo_resume_target(store: LocalRunStore, ref: str) -> tuple[str, Any]:
     ticket = demo.ticket_for_run(run_id)
     if ticket is None:
         raise UsageError(f"run {run_id!r} is not a demo run (demo run ids look like tkt-4812-1a2b3c4d)")
-    if stored.summary.status in ("completed", "resumed"):
+    if stored.summary.status in FINISHED_VALUES:
         raise UsageError(f"run {run_id!r} already completed; there is nothing to resume")
     return run_id, ticket
 
@@ -318,8 +362,6 @@ def cmd_show(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _tree_from_jaeger(args: argparse.Namespace, store: LocalRunStore) -> Any:
-    from stroma.cli.jaeger import fetch_run_records
-
     run_id = args.run_id.strip()
     trace_id = None
     summary = None
@@ -383,8 +425,6 @@ def _unknown_models_message(unknown: list[str], asked: int) -> str:
 
 def cmd_prices(args: argparse.Namespace, out: TextIO) -> int:
     """Print each known model's price; models without one are named on stderr (or in the JSON) and exit 2."""
-    from stroma.pricing import price_for
-
     found = []
     unknown: list[str] = []
     for model in args.models:
@@ -433,8 +473,6 @@ def cmd_prices(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_stack(args: argparse.Namespace, out: TextIO) -> int:
-    from stroma import stack
-
     style = _style(args, out)
     if args.action == "down":
         if args.free_ports:

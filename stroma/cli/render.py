@@ -15,6 +15,7 @@ from typing import Any, TextIO
 from stroma.cli.tree import AttemptNode, BudgetView, ModelCallNode, RunTree, StepNode, as_number, build_tree
 from stroma.money import format_usd
 from stroma.telemetry import names as n
+from stroma.trace import FINISHED_VALUES
 
 __all__ = [
     "AttemptNode",
@@ -319,7 +320,7 @@ def render_tree(tree: RunTree, style: Style | None = None) -> str:
     status_line = style.status(tree.status)
     if tree.breaches:
         status_line += f" {chr(8212) if style.unicode else '-'} " + describe_breach(tree.breaches[0])
-    elif tree.error and tree.status not in ("completed", "resumed"):
+    elif tree.error and tree.status not in FINISHED_VALUES:
         status_line += f" {chr(8212) if style.unicode else '-'} " + tree.error.splitlines()[0][:200]
     lines.append(f"  status       {status_line}")
     when = tree.started_at.strftime("%Y-%m-%d %H:%M:%S UTC") + ", " if tree.started_at else ""

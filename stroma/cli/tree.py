@@ -379,75 +379,13 @@ def build_tree(
     *records* are treated as top level.
     """
     summary = summary or {}
-    ids = {record.get("id") for record in records}
-    children: dict[Any, list[Mapping[str, Any]]] = {}
-    for record in records:
-        parent = record.get("parent")
-        key = parent if parent in ids else None
-        children.setdefault(key, []).append(record)
-    for siblings in children.values():
-        siblings.sort(key=lambda record: (_int(record.get("start_ns")), str(record.get("id"))))
-
     run_record = next((record for record in records if _kind(record) == n.SPAN_RUN), None)
     run_attrs: Mapping[str, Any] = (run_record.get("attributes") or {}) if run_record is not None else {}
-    if run_record is not None:
-        # Top-level records other than the run (steps of a context used without as_run()) still show.
-        top = {**children, None: [c for c in children.get(None, []) if c is not run_record]}
-        steps = _collect_steps(run_record.get("id"), top) + _collect_steps(None, top)
-    else:
-        steps = _collect_steps(None, children)
-    steps.sort(key=lambda step: step.start_ns)
-
-    all_steps: list[StepNode] = []
-    pending = list(steps)
-    while pending:
-        step = pending.pop()
-        all_steps.append(step)
-        pending.extend(step.children)
-
-    status = str(run_attrs.get(n.RUN_STATUS) or summary.get("status") or "unknown")
-    if run_record is not None and run_record.get("start_ns") is not None:
-        started_at: datetime | None = datetime.fromtimestamp(int(run_record["start_ns"]) / 1e9, tz=timezone.utc)
-        duration_s = _duration(run_record)
-    else:
-        raw_start = summary.get("started_at")
-        started_at = datetime.fromisoformat(raw_start) if isinstance(raw_start, str) else None
-        duration_s = as_number(summary.get("duration_s"))
-    if n.RUN_COST_AMOUNT in run_attrs:
-        cost = as_number(run_attrs.get(n.RUN_COST_AMOUNT))
-        input_tokens = _int(run_attrs.get(n.RUN_USAGE_INPUT_TOKENS))
-        output_tokens = _int(run_attrs.get(n.RUN_USAGE_OUTPUT_TOKENS))
-    elif summary:
-        cost = as_number(summary.get("cost_usd"))
-        input_tokens = _int(summary.get("input_tokens"))
-        output_tokens = _int(summary.get("output_tokens"))
-    else:
-        cost = sum(step.cost_usd for step in all_steps)
-        input_tokens = sum(step.input_tokens for step in all_steps)
-        output_tokens = sum(step.output_tokens for step in all_steps)
-
-    stored_budget = summary.get("budget") or {}
-    budget = BudgetView(
-        cost_limit=_opt_num(run_attrs.get(n.BUDGET_COST_LIMIT, stored_budget.get("max_cost_usd"))),
-        cost_usage=_opt_num(run_attrs.get(n.BUDGET_COST_USAGE)),
-        utilization=_opt_num(run_attrs.get(n.BUDGET_COST_UTILIZATION, summary.get("utilization"))),
-        token_limit=(
-            None
-            if (raw_tokens := run_attrs.get(n.BUDGET_TOKEN_LIMIT, stored_budget.get("max_tokens_total"))) is None
-            else _int(raw_tokens)
-        ),
-        token_usage=None if n.BUDGET_TOKEN_USAGE not in run_attrs else _int(run_attrs[n.BUDGET_TOKEN_USAGE]),
-        duration_limit_s=_opt_num(run_attrs.get(n.BUDGET_DURATION_LIMIT))
-        if n.BUDGET_DURATION_LIMIT in run_attrs
-        else (as_number(stored_budget["max_latency_ms"]) / 1000.0 if stored_budget.get("max_latency_ms") else None),
-        duration_usage_s=_opt_num(run_attrs.get(n.BUDGET_DURATION_USAGE)),
-    )
-    if budget.cost_limit is not None and budget.cost_usage is None:
-        budget.cost_usage = cost
-    if budget.token_limit is not None and budget.token_usage is None:
-        budget.token_usage = input_tokens + output_tokens
-    if budget.utilization is None and budget.cost_limit:
-        budget.utilization = cost / budget.cost_limit
+    steps = _top_level_steps(records, run_record)
+    all_steps = _every_step(steps)
+    started_at, duration_s = _run_timing(run_record, summary)
+    cost, input_tokens, output_tokens = _run_totals(run_attrs, summary, all_steps)
+    budget = _budget_view(run_attrs, summary, cost, input_tokens + output_tokens)
 
     breaches = [_breach_view(attrs) for attrs in _events(run_record, n.EVENT_BUDGET_EXCEEDED)] if run_record else []
     if not breaches:
@@ -460,7 +398,7 @@ def build_tree(
     return RunTree(
         run_id=str(run_attrs.get(n.RUN_ID) or summary.get("run_id") or run_id or "?"),
         workflow=str(workflow) if workflow is not None else None,
-        status=status,
+        status=str(run_attrs.get(n.RUN_STATUS) or summary.get("status") or "unknown"),
         started_at=started_at,
         duration_s=duration_s,
         cost_usd=cost,
@@ -475,3 +413,95 @@ def build_tree(
         unpriced=any(attempt.unpriced for step in all_steps for attempt in step.attempts),
         resumed_from=str(run_attrs[n.RUN_RESUMED_FROM]) if n.RUN_RESUMED_FROM in run_attrs else None,
     )
+
+
+def _top_level_steps(records: Sequence[Mapping[str, Any]], run_record: Mapping[str, Any] | None) -> list[StepNode]:
+    """The run's steps (under the run span, or top level), by start time, each with its children."""
+    ids = {record.get("id") for record in records}
+    children: dict[Any, list[Mapping[str, Any]]] = {}
+    for record in records:
+        parent = record.get("parent")
+        key = parent if parent in ids else None
+        children.setdefault(key, []).append(record)
+    for siblings in children.values():
+        siblings.sort(key=lambda record: (_int(record.get("start_ns")), str(record.get("id"))))
+    if run_record is not None:
+        # Top-level records other than the run (steps of a context used without as_run()) still show.
+        top = {**children, None: [c for c in children.get(None, []) if c is not run_record]}
+        steps = _collect_steps(run_record.get("id"), top) + _collect_steps(None, top)
+    else:
+        steps = _collect_steps(None, children)
+    steps.sort(key=lambda step: step.start_ns)
+    return steps
+
+
+def _every_step(steps: list[StepNode]) -> list[StepNode]:
+    """*steps* and all their descendants."""
+    found: list[StepNode] = []
+    pending = list(steps)
+    while pending:
+        step = pending.pop()
+        found.append(step)
+        pending.extend(step.children)
+    return found
+
+
+def _run_timing(run_record: Mapping[str, Any] | None, summary: Mapping[str, Any]) -> tuple[datetime | None, float]:
+    """When the run started and how long it took: from the run span, else from the stored summary."""
+    if run_record is not None and run_record.get("start_ns") is not None:
+        started_at = datetime.fromtimestamp(int(run_record["start_ns"]) / 1e9, tz=timezone.utc)
+        return started_at, _duration(run_record)
+    raw_start = summary.get("started_at")
+    started_at_or_none = datetime.fromisoformat(raw_start) if isinstance(raw_start, str) else None
+    return started_at_or_none, as_number(summary.get("duration_s"))
+
+
+def _run_totals(
+    run_attrs: Mapping[str, Any], summary: Mapping[str, Any], all_steps: list[StepNode]
+) -> tuple[float, int, int]:
+    """Cost (USD), input and output tokens: the run span's totals, else the summary's, else the steps' sums."""
+    if n.RUN_COST_AMOUNT in run_attrs:
+        return (
+            as_number(run_attrs.get(n.RUN_COST_AMOUNT)),
+            _int(run_attrs.get(n.RUN_USAGE_INPUT_TOKENS)),
+            _int(run_attrs.get(n.RUN_USAGE_OUTPUT_TOKENS)),
+        )
+    if summary:
+        return (
+            as_number(summary.get("cost_usd")),
+            _int(summary.get("input_tokens")),
+            _int(summary.get("output_tokens")),
+        )
+    return (
+        sum(step.cost_usd for step in all_steps),
+        sum(step.input_tokens for step in all_steps),
+        sum(step.output_tokens for step in all_steps),
+    )
+
+
+def _budget_view(run_attrs: Mapping[str, Any], summary: Mapping[str, Any], cost: float, tokens: int) -> BudgetView:
+    """The run's limits and use: the run span's ``stroma.budget.*`` attributes, else the stored budget."""
+    stored_budget = summary.get("budget") or {}
+    raw_tokens = run_attrs.get(n.BUDGET_TOKEN_LIMIT, stored_budget.get("max_tokens_total"))
+    if n.BUDGET_DURATION_LIMIT in run_attrs:
+        duration_limit_s = _opt_num(run_attrs.get(n.BUDGET_DURATION_LIMIT))
+    elif stored_budget.get("max_latency_ms"):
+        duration_limit_s = as_number(stored_budget["max_latency_ms"]) / 1000.0
+    else:
+        duration_limit_s = None
+    budget = BudgetView(
+        cost_limit=_opt_num(run_attrs.get(n.BUDGET_COST_LIMIT, stored_budget.get("max_cost_usd"))),
+        cost_usage=_opt_num(run_attrs.get(n.BUDGET_COST_USAGE)),
+        utilization=_opt_num(run_attrs.get(n.BUDGET_COST_UTILIZATION, summary.get("utilization"))),
+        token_limit=None if raw_tokens is None else _int(raw_tokens),
+        token_usage=None if n.BUDGET_TOKEN_USAGE not in run_attrs else _int(run_attrs[n.BUDGET_TOKEN_USAGE]),
+        duration_limit_s=duration_limit_s,
+        duration_usage_s=_opt_num(run_attrs.get(n.BUDGET_DURATION_USAGE)),
+    )
+    if budget.cost_limit is not None and budget.cost_usage is None:
+        budget.cost_usage = cost
+    if budget.token_limit is not None and budget.token_usage is None:
+        budget.token_usage = tokens
+    if budget.utilization is None and budget.cost_limit:
+        budget.utilization = cost / budget.cost_limit
+    return budget

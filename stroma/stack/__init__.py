@@ -10,7 +10,7 @@ available there (design §7, ``shared/stack-notes.md``):
 * ``prometheus``/``promtool`` and ``prometheus-alertmanager``/``amtool`` — Debian's packages,
   unpacked without starting daemons (:func:`prometheus`, :func:`alertmanager`, ...).
 
-Binaries, the Go module cache and the Go build cache live in :func:`stroma._tools.tools_dir`
+Binaries, the Go module cache and the Go build cache live in :func:`stroma.stack._native.tools_dir`
 (``$STROMA_TOOLS_DIR``, default ``~/.cache/stroma-tools``), keyed by version, and are rebuilt only
 when missing. Builds hold a cross-process lock and write their output to
 ``<tools>/logs/build-*.log``.
@@ -21,6 +21,8 @@ answers its readiness probe and stops them by PID (SIGTERM, then SIGKILL). :func
 
 Where things live:
 
+- ``_native``: the tools cache, locating, building and unpacking native programs (standard
+  library only; the test suite loads it for redis-server too);
 - ``_build``: :class:`StackError`, :func:`config_dir` and building / unpacking the programs;
 - ``_info``: value types: :class:`StackPorts`, :class:`StackInfo` (endpoints) and
   :class:`StackStatus` / :class:`ComponentStatus` (a probe's result);
@@ -34,7 +36,6 @@ This package uses only the standard library (importing it still runs ``stroma/__
 
 from __future__ import annotations
 
-from stroma._tools import JAEGER_VERSION
 from stroma.stack._build import (
     COLLECTOR_VERSION,
     StackError,
@@ -49,6 +50,7 @@ from stroma.stack._build import (
 )
 from stroma.stack._cli import main
 from stroma.stack._info import ComponentStatus, StackInfo, StackPorts, StackStatus
+from stroma.stack._native import JAEGER_VERSION
 from stroma.stack._stack import DEFAULT_WEBHOOK_URL, Stack
 from stroma.stack._state import down, state_file, status, up
 

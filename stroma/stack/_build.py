@@ -1,7 +1,7 @@
 """Locating the stack's configuration and building / unpacking its programs.
 
 The Go programs (collector, Jaeger) are built and the Debian packages unpacked by
-:mod:`stroma._tools`; this module adds the stack's defaults and turns failures into
+:mod:`stroma.stack._native`; this module adds the stack's defaults and turns failures into
 :class:`StackError`.
 """
 
@@ -13,12 +13,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
 
-from stroma import _tools
-from stroma._tools import JAEGER_VERSION
 from stroma.errors import StromaError
+from stroma.stack import _native
+from stroma.stack._native import JAEGER_VERSION
 
 #: OpenTelemetry Collector Builder version (the manifest's release line).
-COLLECTOR_VERSION: Final = _tools.COLLECTOR_BUILDER_VERSION
+COLLECTOR_VERSION: Final = _native.COLLECTOR_BUILDER_VERSION
 
 
 class StackError(StromaError, RuntimeError):
@@ -66,7 +66,7 @@ def build_collector(manifest: Path | None = None, *, force: bool = False) -> Pat
     work. Raises :class:`StackError` with the build log's tail.
     """
     with _stack_errors("cannot build the collector"):
-        return _tools.build_collector(manifest or config_dir() / "builder.yaml", force=force)
+        return _native.build_collector(manifest or config_dir() / "builder.yaml", force=force)
 
 
 def build_jaeger(version: str = JAEGER_VERSION, *, force: bool = False) -> Path:
@@ -75,12 +75,12 @@ def build_jaeger(version: str = JAEGER_VERSION, *, force: bool = False) -> Path:
     Cached as ``<tools>/bin/jaeger-<version>``; see :func:`build_collector` for caching and errors.
     """
     with _stack_errors(f"cannot build Jaeger {version}"):
-        return _tools.build_jaeger(version, force=force)
+        return _native.build_jaeger(version, force=force)
 
 
 def _debian_program(name: str) -> Path:
     with _stack_errors(f"cannot unpack {name} from Debian's packages"):
-        return _tools.prometheus_program(name)
+        return _native.prometheus_program(name)
 
 
 def prometheus() -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import sys
@@ -11,14 +12,12 @@ from stroma.stack._build import StackError, build_all
 from stroma.stack._stack import DEFAULT_WEBHOOK_URL
 from stroma.stack._state import down, status, up
 
+DESCRIPTION = "The native observability stack: collector, Jaeger, Prometheus and Alertmanager as real processes."
+
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m stroma.stack build|up|status|down``: a minimal front end for scripts and CI."""
-    import argparse
-
-    from stroma import stack  # the package docstring's first line describes the command
-
-    parser = argparse.ArgumentParser(prog="python -m stroma.stack", description=(stack.__doc__ or "").split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m stroma.stack", description=DESCRIPTION)
     parser.add_argument("command", choices=["build", "up", "status", "down"])
     parser.add_argument("--free-ports", action="store_true", help="up: pick free ports")
     parser.add_argument("--webhook-url", default=DEFAULT_WEBHOOK_URL, help="up: Alertmanager receiver")

@@ -10,7 +10,7 @@ from typing import Final
 
 from stroma.stack._build import StackError
 
-_LOOPBACK: Final = "127.0.0.1"
+LOOPBACK: Final = "127.0.0.1"
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class StackPorts:
         try:
             for _ in range(len(cls.__dataclass_fields__)):
                 sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                sock.bind((_LOOPBACK, 0))
+                sock.bind((LOOPBACK, 0))
                 sockets.append(sock)
             return cls(*(sock.getsockname()[1] for sock in sockets))
         finally:
@@ -60,12 +60,12 @@ class StackPorts:
                 # As the Go servers do, so that TIME_WAIT leftovers do not count as busy.
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 try:
-                    sock.bind((_LOOPBACK, port))
+                    sock.bind((LOOPBACK, port))
                 except OSError:
                     busy.append(f"{port} ({name})")
         if busy:
             raise StackError(
-                f"port(s) already in use on {_LOOPBACK}: {', '.join(busy)}; stop what listens there "
+                f"port(s) already in use on {LOOPBACK}: {', '.join(busy)}; stop what listens there "
                 "(another stack? `python -m stroma.stack down`) or start on free ports"
             )
 
@@ -77,7 +77,7 @@ class StackInfo:
     ports: StackPorts
     run_dir: Path
     webhook_url: str
-    host: str = _LOOPBACK
+    host: str = LOOPBACK
 
     @property
     def otlp_grpc_endpoint(self) -> str:

@@ -17,7 +17,7 @@ from stroma.stack._info import ComponentStatus, StackInfo, StackStatus
 
 
 @dataclass(frozen=True)
-class _Process:
+class Process:
     """A started program, identified by PID and kernel start time (guards against PID reuse)."""
 
     name: str
@@ -37,7 +37,7 @@ def _start_ticks(pid: int) -> int | None:
     return int(fields[19]) if len(fields) > 19 else None
 
 
-def _alive(proc: _Process) -> bool:
+def alive(proc: Process) -> bool:
     """True while *proc* runs. Reaps it if it is our child; a zombie or a reused PID is dead."""
     ours = True
     try:
@@ -59,9 +59,7 @@ def _alive(proc: _Process) -> bool:
     return _start_ticks(proc.pid) == proc.start_ticks
 
 
-def _spawn(
-    name: str, argv: list[str], env: Mapping[str, str], log: Path, probe_url: str, *, detached: bool
-) -> _Process:
+def spawn(name: str, argv: list[str], env: Mapping[str, str], log: Path, probe_url: str, *, detached: bool) -> Process:
     """Start *argv* with stdin from /dev/null and stdout+stderr appended to *log*.
 
     *detached* starts it in a new session, so it outlives this interpreter and a terminal's
@@ -77,10 +75,10 @@ def _spawn(
         pid = os.posix_spawn(argv[0], argv, dict(env), file_actions=actions, setsid=detached)
     except OSError as exc:
         raise StackError(f"cannot start {name} ({argv[0]}): {exc}") from exc
-    return _Process(name, pid, _start_ticks(pid) or 0, log, probe_url)
+    return Process(name, pid, _start_ticks(pid) or 0, log, probe_url)
 
 
-def _stop_processes(procs: Iterable[_Process], timeout: float) -> dict[str, str]:
+def stop_processes(procs: Iterable[Process], timeout: float) -> dict[str, str]:
     """SIGTERM every live process, wait up to *timeout* seconds, then SIGKILL the rest.
 
     Returns ``{name: "stopped" | "killed" | "not running"}``. Never raises for a process that is
@@ -89,7 +87,7 @@ def _stop_processes(procs: Iterable[_Process], timeout: float) -> dict[str, str]
     outcome: dict[str, str] = {}
     live = []
     for proc in procs:
-        if _alive(proc):
+        if alive(proc):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(proc.pid, signal.SIGTERM)
             live.append(proc)
@@ -99,7 +97,7 @@ def _stop_processes(procs: Iterable[_Process], timeout: float) -> dict[str, str]
     while live and time.monotonic() < deadline:
         still = []
         for proc in live:
-            if _alive(proc):
+            if alive(proc):
                 still.append(proc)
             else:
                 outcome[proc.name] = "stopped"
@@ -111,7 +109,7 @@ def _stop_processes(procs: Iterable[_Process], timeout: float) -> dict[str, str]
             os.kill(proc.pid, signal.SIGKILL)
         outcome[proc.name] = "killed"
     kill_deadline = time.monotonic() + 5.0
-    while any(_alive(proc) for proc in live) and time.monotonic() < kill_deadline:
+    while any(alive(proc) for proc in live) and time.monotonic() < kill_deadline:
         time.sleep(0.05)
     return outcome
 
@@ -120,7 +118,7 @@ def _stop_processes(procs: Iterable[_Process], timeout: float) -> dict[str, str]
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def _probe(url: str, timeout: float = 1.0) -> tuple[bool, str]:
+def probe(url: str, timeout: float = 1.0) -> tuple[bool, str]:
     """GET *url*: ``(True, "")`` on HTTP 200, else ``(False, reason)``."""
     try:
         with _OPENER.open(url, timeout=timeout) as response:
@@ -131,13 +129,13 @@ def _probe(url: str, timeout: float = 1.0) -> tuple[bool, str]:
         return False, str(getattr(exc, "reason", exc))
 
 
-def _probe_all(procs: Iterable[_Process], info: StackInfo | None) -> StackStatus:
+def probe_all(procs: Iterable[Process], info: StackInfo | None) -> StackStatus:
     components: dict[str, ComponentStatus] = {}
     for proc in procs:
-        alive = _alive(proc)
-        healthy, detail = _probe(proc.probe_url) if alive else (False, "process not running")
+        is_alive = alive(proc)
+        healthy, detail = probe(proc.probe_url) if is_alive else (False, "process not running")
         components[proc.name] = ComponentStatus(
-            proc.name, proc.pid, alive, healthy, proc.probe_url, detail or "ready", proc.log
+            proc.name, proc.pid, is_alive, healthy, proc.probe_url, detail or "ready", proc.log
         )
     running = bool(components) and all(comp.healthy for comp in components.values())
     return StackStatus(running, components, info)

@@ -13,10 +13,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Final
 
-from stroma._tools import debian_env, log_tail
 from stroma.stack._build import StackError, alertmanager, build_collector, build_jaeger, config_dir, prometheus
-from stroma.stack._info import _LOOPBACK, StackInfo, StackPorts, StackStatus
-from stroma.stack._process import _alive, _probe, _probe_all, _Process, _spawn, _stop_processes
+from stroma.stack._info import LOOPBACK, StackInfo, StackPorts, StackStatus
+from stroma.stack._native import debian_env, log_tail
+from stroma.stack._process import Process, alive, probe, probe_all, spawn, stop_processes
 
 # Named after the package, not this module: `stroma` (the CLI) sets that logger's level and prints its name.
 _log = logging.getLogger("stroma.stack")
@@ -141,7 +141,7 @@ class Stack:
         self._collector_env = dict(collector_env or {})
         self._config = config
         self._detached = detached
-        self._procs: list[_Process] = []
+        self._procs: list[Process] = []
         self._info: StackInfo | None = None
         self._temp_dir: Path | None = None
 
@@ -157,6 +157,11 @@ class Stack:
     @property
     def pids(self) -> dict[str, int]:
         return {proc.name: proc.pid for proc in self._procs}
+
+    @property
+    def processes(self) -> tuple[Process, ...]:
+        """The started programs (what :func:`stroma.stack.up` records to find them again)."""
+        return tuple(self._procs)
 
     def log_path(self, component: str) -> Path:
         """The log file of *component* (``otelcol``, ``jaeger``, ``prometheus``, ``alertmanager``)."""
@@ -208,7 +213,7 @@ class Stack:
 
     def status(self) -> StackStatus:
         """Probe every component now (no waiting)."""
-        return _probe_all(self._procs, self._info)
+        return probe_all(self._procs, self._info)
 
     def __enter__(self) -> Stack:
         self.start()
@@ -223,7 +228,7 @@ class Stack:
         procs, self._procs = self._procs, []
         _ATTACHED.discard(self)
         # Stop in reverse start order: Prometheus before the collector it scrapes, and so on.
-        return _stop_processes(reversed(procs), self._stop_timeout)
+        return stop_processes(reversed(procs), self._stop_timeout)
 
     def _start_once(self, binaries: Mapping[str, Path], configs: Path, info: StackInfo) -> None:
         ports = info.ports
@@ -232,7 +237,7 @@ class Stack:
         for sub in ("config", "logs", "data/prometheus", "data/alertmanager"):
             (info.run_dir / sub).mkdir(parents=True, exist_ok=True)
         base_env = {key: value for key, value in os.environ.items() if not key.startswith("OTEL_")}
-        loop = _LOOPBACK
+        loop = LOOPBACK
         jaeger_env = {
             **base_env,
             "JAEGER_OTLP_GRPC_ENDPOINT": f"{loop}:{ports.jaeger_otlp_grpc}",
@@ -310,14 +315,14 @@ class Stack:
             _ATTACHED.add(self)
         for name, argv, env, probe_url in launches:
             log = logs / f"{name}.log"
-            self._procs.append(_spawn(name, argv, env, log, probe_url, detached=self._detached))
+            self._procs.append(spawn(name, argv, env, log, probe_url, detached=self._detached))
         self._wait_ready()
 
     def _write_prometheus_config(self, source: Path, target: Path, rules: Path, ports: StackPorts) -> None:
         replacements = {
-            "otel-collector:8889": f"{_LOOPBACK}:{ports.collector_metrics}",
-            "otel-collector:8888": f"{_LOOPBACK}:{ports.collector_telemetry}",
-            "alertmanager:9093": f"{_LOOPBACK}:{ports.alertmanager}",
+            "otel-collector:8889": f"{LOOPBACK}:{ports.collector_metrics}",
+            "otel-collector:8888": f"{LOOPBACK}:{ports.collector_telemetry}",
+            "alertmanager:9093": f"{LOOPBACK}:{ports.alertmanager}",
             "rules/*.rules.yml": str(rules / "*.rules.yml"),
         }
         if self._scrape_interval is not None:
@@ -334,9 +339,9 @@ class Stack:
         reasons: dict[str, str] = {}
         while pending:
             for name, proc in list(pending.items()):
-                if not _alive(proc):
+                if not alive(proc):
                     raise StackError(f"{name} exited during start-up; log {proc.log}:\n{log_tail(proc.log)}")
-                ready, reasons[name] = _probe(proc.probe_url, timeout=0.5)
+                ready, reasons[name] = probe(proc.probe_url, timeout=0.5)
                 if ready:
                     del pending[name]
             if not pending:

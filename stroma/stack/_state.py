@@ -10,10 +10,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Final
 
-from stroma._tools import tools_dir
 from stroma.stack._build import StackError
 from stroma.stack._info import StackInfo, StackPorts, StackStatus
-from stroma.stack._process import _probe_all, _Process, _stop_processes
+from stroma.stack._native import tools_dir
+from stroma.stack._process import Process, probe_all, stop_processes
 from stroma.stack._stack import DEFAULT_WEBHOOK_URL, Stack
 
 _STATE_VERSION: Final = 1
@@ -25,7 +25,7 @@ def state_file() -> Path:
     return Path(configured) if configured else tools_dir() / "stack-state.json"
 
 
-def _read_state() -> tuple[StackInfo, list[_Process]] | None:
+def _read_state() -> tuple[StackInfo, list[Process]] | None:
     path = state_file()
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -36,7 +36,7 @@ def _read_state() -> tuple[StackInfo, list[_Process]] | None:
     try:
         info = StackInfo.from_json(data["info"])
         procs = [
-            _Process(p["name"], int(p["pid"]), int(p["start_ticks"]), Path(p["log"]), p["probe_url"])
+            Process(p["name"], int(p["pid"]), int(p["start_ticks"]), Path(p["log"]), p["probe_url"])
             for p in data["processes"]
         ]
     except (KeyError, TypeError, ValueError) as exc:
@@ -44,7 +44,7 @@ def _read_state() -> tuple[StackInfo, list[_Process]] | None:
     return info, procs
 
 
-def _write_state(info: StackInfo, procs: Iterable[_Process]) -> None:
+def _write_state(info: StackInfo, procs: Iterable[Process]) -> None:
     path = state_file()
     data = {
         "version": _STATE_VERSION,
@@ -85,10 +85,10 @@ def up(
     current = _read_state()
     if current is not None:
         info, procs = current
-        existing = _probe_all(procs, info)
+        existing = probe_all(procs, info)
         if existing.running:
             return existing
-        _stop_processes(procs, 10.0)
+        stop_processes(procs, 10.0)
         state_file().unlink(missing_ok=True)
     run_dir = tools_dir() / "stack" / time.strftime("run-%Y%m%d-%H%M%S", time.gmtime())
     stack = Stack(
@@ -101,7 +101,7 @@ def up(
         detached=True,
     )
     info = stack.start()
-    _write_state(info, stack._procs)
+    _write_state(info, stack.processes)
     return stack.status()
 
 
@@ -111,7 +111,7 @@ def status() -> StackStatus:
     if current is None:
         return StackStatus(False)
     info, procs = current
-    return _probe_all(procs, info)
+    return probe_all(procs, info)
 
 
 def down(*, timeout: float = 10.0, remove_files: bool = True) -> dict[str, str]:
@@ -125,7 +125,7 @@ def down(*, timeout: float = 10.0, remove_files: bool = True) -> dict[str, str]:
     if current is None:
         return {}
     info, procs = current
-    outcome = _stop_processes(reversed(procs), timeout)
+    outcome = stop_processes(reversed(procs), timeout)
     state_file().unlink(missing_ok=True)
     if remove_files:
         shutil.rmtree(info.run_dir, ignore_errors=True)

@@ -15,9 +15,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _tools_module() -> ModuleType:
-    # Loaded by path: stroma/_tools.py is standard-library only, and these tests must not depend
+    # Loaded by path: stroma/stack/_native.py is standard-library only, and these tests must not depend
     # on the whole library importing cleanly.
-    spec = importlib.util.spec_from_file_location("_stroma_tools", REPO_ROOT / "stroma" / "_tools.py")
+    spec = importlib.util.spec_from_file_location("_stroma_tools", REPO_ROOT / "stroma" / "stack" / "_native.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -24,12 +24,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, RootModel, create_model
 from pydantic.fields import FieldInfo
 
+from stroma._ids import RESERVED_PREFIX
+from stroma.checkpoint import manifest_entry
 from stroma.contracts import ContractRegistry, NodeContract
 from stroma.errors import ConfigurationError
 
 ConflictRule = Literal["last", "error"]
 
-_RESERVED_PREFIX = "\x00stroma:"
 _NODE_ID_ATTR = "_stroma_node_id"
 _CONTRACT_ATTR = "_stroma_contract"
 
@@ -178,8 +179,6 @@ class Plan:
         """What identifies this pipeline in a run manifest: per step, in order, its id, output
         schema (name and fingerprint), stage and position in the stage. Computed once per plan;
         the dicts must not be modified."""
-        from stroma.checkpoint import manifest_entry
-
         return tuple(
             {**manifest_entry(step.step_id, step.contract.output_schema), "stage": stage.index, "position": position}
             for stage in self.stages
@@ -308,8 +307,8 @@ def _resolve_step(node: Any, registry: ContractRegistry, where: str) -> StepSpec
             f"{where} ({name}) has no step id; decorate it with @runner.node(id, input=..., output=...) "
             "or @stroma_node(id, NodeContract(...))"
         )
-    if node_id.startswith(_RESERVED_PREFIX):
-        raise ConfigurationError(f"{where}: step ids starting with {_RESERVED_PREFIX!r} are reserved")
+    if node_id.startswith(RESERVED_PREFIX):
+        raise ConfigurationError(f"{where}: step ids starting with {RESERVED_PREFIX!r} are reserved")
     contract = getattr(node, _CONTRACT_ATTR, None)
     if contract is None and node_id in registry:
         contract = registry.get(node_id)

@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from stroma._pipeline import Stage, StepSpec
+from stroma._pipeline.plan import Stage, StepSpec
 from stroma.errors import ConfigurationError
 from stroma.middleware import ReliabilityContext, execute_step
 from stroma.trace import ExecutionResult, RunStatus

@@ -58,16 +58,15 @@ from opentelemetry.trace import Link, SpanContext, TraceFlags
 from pydantic import BaseModel, ValidationError
 from pydantic_core import to_jsonable_python
 
-from stroma._pipeline import Plan
+from stroma._pipeline.plan import Plan
 from stroma.checkpoint import CheckpointManager
 from stroma.context import ReliabilityContext
 from stroma.errors import CheckpointError, PipelineChangedError, RunInputChangedError
-from stroma.trace import ExecutionResult, ExecutionTrace, RunStatus
+from stroma.trace import FINISHED_VALUES, ExecutionResult, ExecutionTrace, RunStatus
 
 logger = logging.getLogger("stroma")
 
 FORMAT: Final = "stroma.runner/1"
-_FINISHED: Final = frozenset({RunStatus.COMPLETED.otel_value, RunStatus.RESUMED.otel_value})
 
 
 def input_fingerprint(state: Any) -> str | None:
@@ -224,7 +223,7 @@ async def find_resume_point(
     same: bool | None = None
     if manifest is not None:
         same = _same_input(manifest, fingerprint)
-        finished = manifest.get("status") in _FINISHED
+        finished = manifest.get("status") in FINISHED_VALUES
         if same is False and finished and resume_from is None and manifest.get("format") == FORMAT:
             # A new execution of a run id that names a job: nothing of the old run is reused.
             await manager.clear(run_id)
@@ -254,7 +253,7 @@ async def find_resume_point(
     if manifest is None:
         return None
     stored = manifest.get("result")
-    if manifest.get("status") in _FINISHED and isinstance(stored, Mapping):
+    if manifest.get("status") in FINISHED_VALUES and isinstance(stored, Mapping):
         return stored_result(run_id, plan, stored)
     completed = set(await manager.completed_steps(run_id))
     point = ResumePoint(start_stage=len(plan.stages), manifest=manifest)
