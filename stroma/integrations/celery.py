@@ -470,7 +470,8 @@ class CeleryPipeline:
                     keys=[self._deliveries_key(run_id)], args=[max(self.checkpoint_ttl_seconds, 60)]
                 )
             )
-            if deliveries > self.max_deliveries:
+            store = lease.fenced_store(ttl_seconds=self.checkpoint_ttl_seconds, key_prefix=self.checkpoint_key_prefix)
+            if deliveries > self.max_deliveries and not _finished(store, run_id):
                 message = (
                     f"run {run_id!r} (Celery task {self.name!r}) was delivered {deliveries} times, more than "
                     f"max_deliveries={self.max_deliveries}: its earlier deliveries ended without a result (their "
@@ -478,8 +479,9 @@ class CeleryPipeline:
                 )
                 logger.error("stroma: %s", message)
                 return self._failed(run_id, message, deliveries)
+            # (a run that finished and is delivered again, e.g. its worker died before the
+            # acknowledgement, returns its stored result below whatever the count)
             lease.start_renewing()
-            store = lease.fenced_store(ttl_seconds=self.checkpoint_ttl_seconds, key_prefix=self.checkpoint_key_prefix)
             runner = StromaRunner(self.runner.registry, CheckpointManager(store), self.runner.config)
             initial = self.input_schema.model_validate(state)
             token = otel_context.attach(propagate.extract(carrier))
@@ -508,6 +510,12 @@ class CeleryPipeline:
             return self.deliveries(run_id)
         except Exception:
             return 0
+
+
+def _finished(store: Any, run_id: str) -> bool:
+    """Whether the run's manifest says it finished (its stored result can be returned)."""
+    manifest = store.load_manifest(run_id)
+    return manifest is not None and manifest.get("status") in ("completed", "resumed")
 
 
 def _retry(task: Any, exc: Exception) -> Any:

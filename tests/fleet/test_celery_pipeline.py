@@ -192,3 +192,19 @@ def test_a_run_past_max_deliveries_fails_naming_the_run_and_the_count(redis_url:
     assert result.status is RunStatus.FAILED and ran == []
     assert "'run-poison-1'" in (result.error or "") and "delivered 3 times" in (result.error or "")
     assert "max_deliveries=2" in (result.error or "") and result.deliveries == 3
+
+
+def test_a_finished_run_delivered_again_past_the_count_returns_its_result(redis_url: str, prefix: str) -> None:
+    runner = StromaRunner.quick(run_timeout_ms=30_000)
+    ran: list[str] = []
+    nodes = three_steps(runner, {"fetch": lambda: ran.append("fetch")})
+    pipeline = CeleryPipeline(
+        eager_app(), "docs.again", nodes, runner, redis_url=redis_url, key_prefix=prefix, max_deliveries=1
+    )
+    first = pipeline.result(pipeline.submit({"text": "x"}, run_id="run-again-1"), timeout=5)
+    assert first.status is RunStatus.COMPLETED and ran == ["fetch"]
+    # its worker died after the run finished, before the acknowledgement: delivered a 2nd time
+    message = {"run_id": "run-again-1", "state": {"text": "x", "steps": []}, "trace": {}}
+    again = CeleryRunResult.from_json(pipeline.task.apply(kwargs=message).get())
+    assert again.status is RunStatus.COMPLETED and again.final_state == first.final_state
+    assert again.deliveries == 2 == pipeline.deliveries("run-again-1") and ran == ["fetch"]  # nothing ran again
