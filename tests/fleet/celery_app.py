@@ -13,7 +13,8 @@ Each step ``a``, ``b``, ``c``, ``d`` of run R, in order:
    the run is executing twice at once: a violation is pushed to ``<prefix>violations``;
 2. pauses when the state asks for it at this step, on the run's first pause only (``pause_when``
    ``"before"``: before the side effect; ``"after"``: after it, before the checkpoint), publishing
-   ``<prefix>pausing:R`` = ``"<step> <pid>"`` for the test to kill that process;
+   ``<prefix>pausing:R`` = ``"<step> <pid>"`` for the test to kill that process; ``"hold"``
+   only makes the step slow (every time);
 3. kills its own process when ``poison`` is set, at step ``b`` (a poison run);
 4. does its side effect: ``RPUSH <prefix>ledger "R step pid"`` (counted raw) and
    ``HSETNX <prefix>effects R:step pid`` (the same effect made idempotent by ``(run, step)``);
@@ -47,6 +48,7 @@ RENEW_EVERY = 0.4
 MAX_DELIVERIES = 2
 STEP_SECONDS = 0.03
 PAUSE_SECONDS = 4.0  # a paused step waits this long for the test to kill it
+HOLD_SECONDS = 1.5  # a slow step ("hold"), not killed
 
 app = Celery("stroma_fleet_test", broker=BROKER, backend=BROKER)
 app.conf.update(celery_settings(visibility_timeout=VISIBILITY_TIMEOUT))
@@ -97,7 +99,12 @@ def alive(pid: int) -> bool:
 
 
 async def pause(state: Work, step: str, when: str) -> None:
-    if state.pause_step != step or state.pause_when != when:
+    if state.pause_step != step:
+        return
+    if state.pause_when == "hold" and when == "before":
+        await asyncio.sleep(HOLD_SECONDS)  # a slow step: a duplicate delivery arrives meanwhile
+        return
+    if state.pause_when != when:
         return
     r = client()
     if not r.set(f"{PREFIX}paused:{state.label}", "1", nx=True):

@@ -27,6 +27,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 import redis
@@ -160,6 +161,14 @@ def wait_pausing(store: redis.Redis, prefix: str, label: str) -> tuple[str, int]
     raise AssertionError(f"run {label} never paused")
 
 
+def wait_for(check: Any, what: str, timeout: float = RESULT_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
 def test_forty_runs_survive_killed_pool_children_and_a_killed_worker(
     fleet: ModuleType, workers: list[Worker], redis_url: str
 ) -> None:
@@ -180,6 +189,11 @@ def test_forty_runs_survive_killed_pool_children_and_a_killed_worker(
         submitted.append(fleet.pipeline.submit(state, run_id=label))
     assert submitted == labels  # submitting returns the run id
     assert fleet.pipeline.submit({"label": poison, "n": -1, "poison": True}, run_id=poison) == poison
+    # the same run published twice (a producer that retried its publish): both messages are
+    # delivered while the first delivery is in a slow step; the lease keeps the second waiting
+    duplicate = f"duplicate-{tag}"
+    for _ in range(2):
+        fleet.pipeline.submit({"label": duplicate, "n": -2, "pause_step": "b", "pause_when": "hold"}, run_id=duplicate)
 
     # 1. a pool child killed mid-step, before the step's side effect
     step, pid = wait_pausing(store, prefix, child_before)
@@ -197,6 +211,9 @@ def test_forty_runs_survive_killed_pool_children_and_a_killed_worker(
 
     results = {label: fleet.pipeline.result(label, timeout=RESULT_TIMEOUT) for label in labels}
     poisoned = fleet.pipeline.result(poison, timeout=RESULT_TIMEOUT)
+    duplicated = fleet.pipeline.result(duplicate, timeout=RESULT_TIMEOUT)
+    assert duplicated.status is RunStatus.COMPLETED and duplicated.final_state["done"] == ["a", "b", "c", "d"]
+    wait_for(lambda: fleet.pipeline.deliveries(duplicate) == 2, "the duplicate's second delivery")
 
     # every run completed, all four steps, under its own run id
     for label, result in results.items():
@@ -212,10 +229,11 @@ def test_forty_runs_survive_killed_pool_children_and_a_killed_worker(
     expected = Counter({f"{label} {step}": 1 for label in labels for step in "abcd"})
     expected[f"{child_after} c"] = 2  # killed after its side effect, before its checkpoint: ran again
     expected[f"{poison} a"] = 1  # the poison run's first step completed once; b never did
+    expected.update({f"{duplicate} {step}": 1 for step in "abcd"})  # delivered twice, run once
     assert ledger == expected
     # ... and through its idempotency key (run, step) the effect was applied once
     effects = store.hgetall(f"{prefix}effects")
-    assert len(effects) == RUNS * 4 + 1
+    assert len(effects) == RUNS * 4 + 1 + 4
 
     # no run executed in two live processes at once (the lease)
     assert [v.decode() for v in store.lrange(f"{prefix}violations", 0, -1)] == []
