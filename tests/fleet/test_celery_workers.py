@@ -213,7 +213,8 @@ def test_forty_runs_survive_killed_pool_children_and_a_killed_worker(
     poisoned = fleet.pipeline.result(poison, timeout=RESULT_TIMEOUT)
     duplicated = fleet.pipeline.result(duplicate, timeout=RESULT_TIMEOUT)
     assert duplicated.status is RunStatus.COMPLETED and duplicated.final_state["done"] == ["a", "b", "c", "d"]
-    wait_for(lambda: fleet.pipeline.deliveries(duplicate) == 2, "the duplicate's second delivery")
+    # (at least 2: a delivery of it may also have been in the worker that was killed)
+    wait_for(lambda: fleet.pipeline.deliveries(duplicate) >= 2, f"the second delivery of {duplicate}")
 
     # every run completed, all four steps, under its own run id
     for label, result in results.items():
