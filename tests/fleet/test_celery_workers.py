@@ -183,17 +183,18 @@ def test_forty_runs_survive_killed_pool_children_and_a_killed_worker(
         child_after: {"pause_step": "c", "pause_when": "after"},
         whole_worker: {"pause_step": "b", "pause_when": "before"},
     }
+    # the same run published twice (a producer that retried its publish), first in the queue:
+    # both messages are delivered at once, to two pool processes; the lease keeps the second
+    # from running it while the first is in a slow step
+    duplicate = f"duplicate-{tag}"
+    for _ in range(2):
+        fleet.pipeline.submit({"label": duplicate, "n": -2, "pause_step": "b", "pause_when": "hold"}, run_id=duplicate)
     submitted = []
     for i, label in enumerate(labels):
         state = {"label": label, "n": i, **special.get(label, {})}
         submitted.append(fleet.pipeline.submit(state, run_id=label))
     assert submitted == labels  # submitting returns the run id
     assert fleet.pipeline.submit({"label": poison, "n": -1, "poison": True}, run_id=poison) == poison
-    # the same run published twice (a producer that retried its publish): both messages are
-    # delivered while the first delivery is in a slow step; the lease keeps the second waiting
-    duplicate = f"duplicate-{tag}"
-    for _ in range(2):
-        fleet.pipeline.submit({"label": duplicate, "n": -2, "pause_step": "b", "pause_when": "hold"}, run_id=duplicate)
 
     # 1. a pool child killed mid-step, before the step's side effect
     step, pid = wait_pausing(store, prefix, child_before)
