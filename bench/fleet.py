@@ -7,23 +7,22 @@ Part 1, throughput: ``--runs`` runs of a 4-step pipeline whose steps each ``asyn
 submit to the last result. The ceiling is what the pool processes could do if a run cost only
 its sleeps (``processes / (4 x step)``); the ratio to it is what Celery, Redis and Stroma take.
 
-Part 2, per step (one process, loopback, median µs of interleaved rounds; steps do nothing):
+Part 2, per step (one process, one connection, loopback, median µs of interleaved rounds):
 
-- ``PING``: one Redis round trip;
-- a 4-step run through ``StromaRunner`` with a plain ``SyncRedisStore`` (the floor);
-- the same with the run's ``RunLease`` taken, renewed and released and every checkpoint write
-  fenced (``FencedRedisStore``): what the lease adds, per step (its acquire and release, once
-  per run, spread over the run's 4 steps);
-- the same as the floor with a ``SharedBudget`` (reserve before and settle after every attempt):
-  what the shared budget adds, per step.
+- ``PING``: one Redis round trip, the floor of any shared state;
+- a checkpoint write with a plain ``SyncRedisStore`` and with a ``FencedRedisStore`` (the fence
+  check is in the same script as the write);
+- a ``RunLease`` taken, renewed by its thread and released (once per run: spread over the run's
+  4 steps);
+- a ``SharedBudget`` reserve + settle (once per attempt).
 
-Run: ``python bench/fleet.py [--runs N] [--step-ms MS] [--concurrency C] [--rounds R]``.
+Run: ``python bench/fleet.py [--runs N] [--step-ms MS] [--concurrency C] [--ops N] [--rounds R]
+[--per-step-only]``.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import statistics
 import subprocess
@@ -38,9 +37,8 @@ import redis
 from fleet_budget import private_redis
 from pydantic import BaseModel
 
-from stroma.checkpoint import CheckpointManager, SyncRedisStore
+from stroma.checkpoint import SyncRedisStore
 from stroma.fleet import RunLease, SharedBudget
-from stroma.runner import StromaRunner
 
 HERE = Path(__file__).parent
 
@@ -132,78 +130,55 @@ class Item(BaseModel):
     n: int
 
 
-def trivial_runner(store: Any, **config: Any) -> tuple[StromaRunner, list[Any]]:
-    runner = StromaRunner.quick(store=store, **config)
-    nodes = []
-    for step_id in ("s1", "s2", "s3", "s4"):
-
-        @runner.node(step_id, input=Item, output=Item)
-        async def step(state: Item) -> Item:
-            return state
-
-        nodes.append(step)
-    return runner, nodes
-
-
 def per_step(url: str, ops: int, rounds: int) -> None:
     prefix = f"stroma-bench-{uuid.uuid4().hex[:8]}:"
     client = redis.Redis.from_url(url)
-    plain_store = SyncRedisStore(client=client, key_prefix=prefix + "plain:", ttl_seconds=600)
-    plain, plain_nodes = trivial_runner(plain_store)
+    plain = SyncRedisStore(client=client, key_prefix=prefix + "plain:", ttl_seconds=600)
+    held = RunLease(f"{prefix}held", client=client, key_prefix=prefix)
+    held.acquire()
+    fenced = held.fenced_store(ttl_seconds=600, key_prefix=prefix + "fenced:")
     budget = SharedBudget(f"bench-{uuid.uuid4().hex}", max_cost_usd=1e6, client=client, key_prefix=prefix)
-    budgeted, budget_nodes = trivial_runner(
-        SyncRedisStore(client=client, key_prefix=prefix + "budget:", ttl_seconds=600), shared_budget=budget
-    )
-    fenced, fenced_nodes = trivial_runner(plain_store)
-    loop = asyncio.new_event_loop()
+    item = Item(n=1)
 
-    def ping_us() -> float:
+    def timed(body: Any) -> float:
         started = time.perf_counter()
-        for _ in range(ops * 4):
-            client.ping()
-        return (time.perf_counter() - started) / (ops * 4) * 1e6
+        for i in range(ops):
+            body(i)
+        return (time.perf_counter() - started) / ops * 1e6
 
-    def runs_us(runner: StromaRunner, nodes: list[Any]) -> float:
-        async def body() -> None:
-            for i in range(ops):
-                await runner.run(nodes, Item(n=i))
+    def lease_cycle(i: int) -> None:
+        lease = RunLease(f"{prefix}run-{i}", client=client, key_prefix=prefix)
+        with lease:  # acquire, start the renewal thread, release
+            pass
 
-        started = time.perf_counter()
-        loop.run_until_complete(body())
-        return (time.perf_counter() - started) / (ops * 4) * 1e6
-
-    def leased_us() -> float:
-        async def body() -> None:
-            for i in range(ops):
-                run_id = f"{prefix}run-{uuid.uuid4().hex}"
-                lease = RunLease(run_id, client=client, key_prefix=prefix)
-                async with lease:
-                    fenced.checkpoint_manager = CheckpointManager(
-                        lease.fenced_store(ttl_seconds=600, key_prefix=prefix + "fenced:")
-                    )
-                    await fenced.run(fenced_nodes, Item(n=i), run_id=run_id)
-
-        started = time.perf_counter()
-        loop.run_until_complete(body())
-        return (time.perf_counter() - started) / (ops * 4) * 1e6
-
-    results: dict[str, list[float]] = {"PING": [], "plain store": [], "lease + fence": [], "shared budget": []}
-    runs_us(plain, plain_nodes)  # warm-up
-    for _ in range(rounds):
-        results["PING"].append(ping_us())
-        results["plain store"].append(runs_us(plain, plain_nodes))
-        results["lease + fence"].append(leased_us())
-        results["shared budget"].append(runs_us(budgeted, budget_nodes))
+    variants: dict[str, Any] = {
+        "PING": lambda i: client.ping(),
+        "checkpoint write, SyncRedisStore": lambda i: plain.save(f"{prefix}held", f"s{i % 4}", item),
+        "checkpoint write, fenced": lambda i: fenced.save(f"{prefix}held", f"s{i % 4}", item),
+        "lease: acquire + renewer + release": lease_cycle,
+        "shared budget: reserve + settle": lambda i: budget.settle(budget.reserve(0.001, 100), 0.0009, 90),
+    }
+    results: dict[str, list[float]] = {name: [] for name in variants}
+    for body in variants.values():  # warm-up
+        timed(body)
+    for _ in range(rounds):  # interleaved, so load on the machine hits every variant alike
+        for name, body in variants.items():
+            results[name].append(timed(body))
     median = {name: statistics.median(values) for name, values in results.items()}
-    floor, ping = median["plain store"], median["PING"]
-    print(f"per step: {ops} runs of 4 trivial steps x {rounds} rounds, median µs per step ({url})")
-    print(f"  PING (one Redis round trip)       {ping:8.1f} µs")
-    print(f"  step, plain SyncRedisStore        {floor:8.1f} µs   {floor / ping:5.2f}x PING")
-    for name in ("lease + fence", "shared budget"):
-        added = median[name] - floor
-        print(f"  step, {name:<27} {median[name]:8.1f} µs   adds {added:7.1f} µs = {added / ping:5.2f}x PING")
+    ping = median["PING"]
+    print(f"per step: {ops} ops x {rounds} rounds, median µs per operation ({url})")
+    for name, value in median.items():
+        print(f"  {name:<36} {value:8.1f} µs   {value / ping:5.2f}x PING")
+    fence = median["checkpoint write, fenced"] - median["checkpoint write, SyncRedisStore"]
+    lease_per_step = median["lease: acquire + renewer + release"] / 4 + fence
+    print(
+        f"  => the lease, per step of a 4-step run (its acquire/release spread over 4 steps + the fence on "
+        f"the step's write): {lease_per_step:.1f} µs = {lease_per_step / ping:.2f}x PING"
+    )
+    spend = median["shared budget: reserve + settle"]
+    print(f"  => the shared budget, per attempt: {spend:.1f} µs = {spend / ping:.2f}x PING")
+    held.close()
     budget.delete()
-    loop.close()
     client.close()
 
 
@@ -212,12 +187,14 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--step-ms", type=float, default=20.0)
     parser.add_argument("--concurrency", type=int, default=2)
-    parser.add_argument("--ops", type=int, default=200)
+    parser.add_argument("--ops", type=int, default=500)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--per-step-only", action="store_true", help="skip the throughput part (no workers)")
     options = parser.parse_args()
     with private_redis() as url:
         per_step(url, options.ops, options.rounds)
-        throughput(url, options.runs, options.step_ms, options.concurrency)
+        if not options.per_step_only:
+            throughput(url, options.runs, options.step_ms, options.concurrency)
 
 
 if __name__ == "__main__":

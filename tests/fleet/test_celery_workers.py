@@ -1,12 +1,13 @@
 """Real Celery workers (prefork, subprocesses on loopback) and a real redis-server as broker and store.
 
-41 runs of the 4-step pipeline of ``celery_app.py`` on two workers of two pool processes each:
+42 runs of the 4-step pipeline of ``celery_app.py`` on two workers of two pool processes each:
 a pool child is SIGKILLed mid-step before its side effect, another after its side effect and
 before its checkpoint (the at-least-once window), then a whole worker (its process group) is
 SIGKILLed mid-step; one more run kills its own worker process at every delivery (a poison run).
 Every run completes, every completed step's side effect happened exactly once except the one in
 the window (twice, and once through its idempotency key), no run executed in two live
-processes at once, and the poison run stops FAILED after ``MAX_DELIVERIES`` deliveries.
+processes at once (one more run is published twice and both deliveries start together: it runs
+once), and the poison run stops FAILED after ``MAX_DELIVERIES`` deliveries.
 
 The slowest file of the unit suite: about 15-20 s here, two worker starts included (marked
 ``redis``). The re-queue intervals are shortened in ``celery_app.py`` (visibility timeout 6 s,
