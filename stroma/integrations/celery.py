@@ -25,7 +25,9 @@ A worker started with ``celery -A <module> worker`` runs each delivery through
 - **a delivery count** in Redis (``<key_prefix>deliveries:<run_id>``): a delivery that takes the
   lease counts one. A run delivered more than ``max_deliveries`` times (a poison run that kills
   its worker process every time) is not run again: it ends ``FAILED`` with an error naming the
-  run and the count, returned as the task's result;
+  run and the count, returned as the task's result and recorded like any failed run (a run span
+  with ``error.type=stroma.PoisonRun``, ``stroma.runs{status="failed"}``). A run that finished
+  and is delivered again (its worker died before acknowledging) returns its stored result;
 - **one trace per run**: :meth:`CeleryPipeline.submit` opens a ``submit <workflow>`` span
   (kind ``PRODUCER``, a new trace, linked to the span that was current, if any) and puts its
   W3C trace context in the task's arguments; each delivery's run span is its child, so every
@@ -75,6 +77,7 @@ from stroma.checkpoint import CheckpointManager
 from stroma.checkpoint.redis import DEFAULT_KEY_PREFIX as CHECKPOINT_KEY_PREFIX
 from stroma.checkpoint.redis import DEFAULT_TTL_SECONDS
 from stroma.config import check_run_id, new_run_id
+from stroma.context import ReliabilityContext
 from stroma.errors import CheckpointError, ConfigurationError, StromaError
 from stroma.fleet._redis import sync_client
 from stroma.fleet.lease import DEFAULT_LEASE_PREFIX, RunLease, RunLeaseError, RunLeaseHeld, StaleFenceError
@@ -443,6 +446,20 @@ class CeleryPipeline:
     def _failed(self, run_id: str, error: str, deliveries: int) -> dict[str, Any]:
         return CeleryRunResult(run_id, RunStatus.FAILED, None, error=error, deliveries=deliveries).to_json()
 
+    def _poisoned(self, run_id: str, message: str, deliveries: int, carrier: Mapping[str, str]) -> dict[str, Any]:
+        """The FAILED result of a poison run, recorded like any failed run: a run span (in the
+        run's trace, with the error) and ``stroma.runs{status="failed"}``; no step runs."""
+        config = self.runner.config.model_copy(update={"run_id": run_id, "context": dict(self.runner.config.context)})
+        ctx = ReliabilityContext.for_run(config, self.runner.registry, None)
+        token = otel_context.attach(propagate.extract(carrier))
+        try:
+            with ctx.as_run() as record:
+                record.fail("stroma.PoisonRun", "delivered more than max_deliveries times")
+                result = ctx.build_result(RunStatus.FAILED, None, error=message)
+        finally:
+            otel_context.detach(token)
+        return CeleryRunResult.of(result, deliveries).to_json()
+
     def _deliver(self, task: Any, run_id: str, state: Any, carrier: Mapping[str, str]) -> dict[str, Any]:
         try:
             self.check()
@@ -478,7 +495,7 @@ class CeleryPipeline:
                     "worker process was lost), so it is stopped as a poison run instead of being run again"
                 )
                 logger.error("stroma: %s", message)
-                return self._failed(run_id, message, deliveries)
+                return self._poisoned(run_id, message, deliveries, carrier)
             # (a run that finished and is delivered again, e.g. its worker died before the
             # acknowledgement, returns its stored result below whatever the count)
             lease.start_renewing()

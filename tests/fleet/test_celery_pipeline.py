@@ -177,8 +177,10 @@ def test_a_delivery_that_lost_its_run_to_a_newer_one_is_dropped(
     newer[0].close()
 
 
-def test_a_run_past_max_deliveries_fails_naming_the_run_and_the_count(redis_url: str, prefix: str) -> None:
-    runner = StromaRunner.quick(run_timeout_ms=30_000)
+def test_a_run_past_max_deliveries_fails_naming_the_run_and_the_count(
+    redis_url: str, prefix: str, capture: TelemetryCapture
+) -> None:
+    runner = StromaRunner.quick(run_timeout_ms=30_000, telemetry=capture.settings, workflow_name="docs")
     ran: list[str] = []
     nodes = three_steps(runner, {"fetch": lambda: ran.append("fetch")})
     pipeline = CeleryPipeline(
@@ -192,6 +194,14 @@ def test_a_run_past_max_deliveries_fails_naming_the_run_and_the_count(redis_url:
     assert result.status is RunStatus.FAILED and ran == []
     assert "'run-poison-1'" in (result.error or "") and "delivered 3 times" in (result.error or "")
     assert "max_deliveries=2" in (result.error or "") and result.deliveries == 3
+    # recorded like any failed run: a run span in the run's trace, and the runs metric
+    [submit] = capture.spans_named("submit")
+    [run] = capture.spans_named("run")
+    assert run.parent is not None and run.parent.span_id == submit.context.span_id
+    attrs = dict(run.attributes or {})
+    assert attrs[n.RUN_ID] == "run-poison-1" and attrs[n.RUN_STATUS] == "failed"
+    assert attrs[n.ERROR_TYPE] == "stroma.PoisonRun" and not capture.spans_named("step")
+    assert capture.metric_total(n.METRIC_RUNS, stroma_run_status="failed") == 1
 
 
 def test_a_finished_run_delivered_again_past_the_count_returns_its_result(redis_url: str, prefix: str) -> None:
