@@ -6,6 +6,8 @@
 - :class:`RunLease` and :class:`FencedRedisStore` (:mod:`stroma.fleet.lease`): one worker per run
   at a time, and checkpoint writes fenced so a stale worker never overwrites a newer one's.
 
+:mod:`stroma.integrations.celery` builds on both to run pipelines as Celery tasks.
+
 Requires the ``redis`` extra (``pip install 'stroma[redis]'``); the client is imported on first use.
 """
 

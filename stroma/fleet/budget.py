@@ -58,6 +58,7 @@ from urllib.parse import urlsplit
 from stroma.checkpoint.redis import mask_url
 from stroma.cost import BudgetExceeded, Dimension
 from stroma.errors import ConfigurationError, StromaError
+from stroma.fleet._redis import sync_client
 
 __all__ = [
     "Reservation",
@@ -376,20 +377,11 @@ class SharedBudget:
     def _script(self, name: str, text: str) -> Any:
         with self._lock:
             if self._client is None:
-                import redis
-                from redis.backoff import ExponentialBackoff
-                from redis.retry import Retry
-
                 url = self._url
                 if url is None:  # pragma: no cover - guarded by the constructor
                     raise RuntimeError("SharedBudget has neither a client nor a URL")
                 # Retrying is safe: both scripts are idempotent by reservation id.
-                self._client = redis.Redis.from_url(
-                    url,
-                    socket_timeout=self._timeout,
-                    socket_connect_timeout=self._timeout,
-                    retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
-                )
+                self._client = sync_client(url, timeout_seconds=self._timeout, retries=2)
             script = self._scripts.get(name)
             if script is None:
                 script = self._scripts[name] = self._client.register_script(text)

@@ -44,6 +44,7 @@ from stroma.checkpoint.redis import DEFAULT_KEY_PREFIX as CHECKPOINT_KEY_PREFIX
 from stroma.checkpoint.redis import DEFAULT_TTL_SECONDS, ORDER_FIELD_PREFIX, SyncRedisStore, mask_url
 from stroma.config import check_run_id
 from stroma.errors import CheckpointError, ConfigurationError, StromaError
+from stroma.fleet._redis import sync_client
 
 __all__ = ["FencedRedisStore", "RunLease", "RunLeaseError", "RunLeaseHeld", "StaleFenceError"]
 
@@ -107,7 +108,21 @@ def _rebuild(cls: type[RunLeaseError], message: str, run_id: str) -> RunLeaseErr
 
 
 class RunLeaseHeld(RunLeaseError):
-    """Another worker holds the run's lease: the run is executing elsewhere right now."""
+    """Another worker holds the run's lease: the run is executing elsewhere right now.
+
+    ``remaining_ms`` is how long the holder's lease had left when this was raised (the earliest
+    moment the run could be taken over if the holder stopped renewing); -1 when unknown."""
+
+    def __init__(self, message: str, *, run_id: str, remaining_ms: int = -1) -> None:
+        super().__init__(message, run_id=run_id)
+        self.remaining_ms = remaining_ms
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_held, (str(self), self.run_id, self.remaining_ms))
+
+
+def _rebuild_held(message: str, run_id: str, remaining_ms: int) -> RunLeaseHeld:
+    return RunLeaseHeld(message, run_id=run_id, remaining_ms=remaining_ms)
 
 
 class StaleFenceError(CheckpointError):
@@ -191,14 +206,11 @@ class RunLease:
         """The (synchronous) Redis client of this lease, created on first use."""
         with self._lock:
             if self._client is None:
-                import redis
-
                 url = self._url
                 if url is None:  # pragma: no cover - guarded by the constructor
                     raise RuntimeError("RunLease has neither a client nor a URL")
-                self._client = redis.Redis.from_url(
-                    url, socket_timeout=self._timeout, socket_connect_timeout=self._timeout
-                )
+                # No retries: a retried acquire would take a second fencing token.
+                self._client = sync_client(url, timeout_seconds=self._timeout)
             return self._client
 
     def script(self, name: str, text: str) -> Any:
@@ -243,10 +255,12 @@ class RunLease:
             raise self._fail(exc, "take") from exc
         if int(reply[0]) != 1:
             holder = _text(reply[1]).rpartition("|")[0]
+            remaining = int(reply[2])
             raise RunLeaseHeld(
                 f"run {self.run_id!r} is already running elsewhere: its lease is held by {holder!r} for another "
-                f"{int(reply[2])} ms; do not execute it twice (it can be taken over once that lease expires)",
+                f"{remaining} ms; do not execute it twice (it can be taken over once that lease expires)",
                 run_id=self.run_id,
+                remaining_ms=remaining,
             )
         self.token = int(reply[1])
         self._value = f"{self.owner}|{self.token}"
