@@ -72,7 +72,7 @@ from opentelemetry import trace as trace_api
 from pydantic import BaseModel, ValidationError
 from pydantic_core import to_jsonable_python
 
-from stroma._pipeline import PlanCache
+from stroma._pipeline.plan import PlanCache
 from stroma.checkpoint import CheckpointManager
 from stroma.checkpoint.redis import DEFAULT_KEY_PREFIX as CHECKPOINT_KEY_PREFIX
 from stroma.checkpoint.redis import DEFAULT_TTL_SECONDS
@@ -83,6 +83,7 @@ from stroma.fleet._redis import sync_client
 from stroma.fleet.lease import DEFAULT_LEASE_PREFIX, RunLease, RunLeaseError, RunLeaseHeld, StaleFenceError
 from stroma.runner import StromaRunner
 from stroma.telemetry import names as n
+from stroma.telemetry import shutdown as shutdown_telemetry
 from stroma.telemetry.runtime import get_telemetry
 from stroma.trace import ExecutionResult, RunStatus
 
@@ -564,9 +565,7 @@ _signals_connected = False
 
 
 def _flush_telemetry(**_: Any) -> None:
-    from stroma.telemetry import shutdown
-
-    shutdown(timeout_s=5.0)
+    shutdown_telemetry(timeout_s=5.0)
 
 
 def _connect_worker_signals() -> None:
