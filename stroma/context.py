@@ -326,20 +326,21 @@ class ReliabilityContext:
     ) -> ExecutionResult:
         """The run's result so far, without ending the run (what each step call returns)."""
         run = self.run_record
+        cost, input_tokens, output_tokens, cost_by_step = self.cost_tracker.snapshot()
         return ExecutionResult(
             run_id=self.run_id,
             status=status,
             final_state=final_state,
             trace=self.trace,
-            total_cost_usd=self.total_cost,
-            total_tokens=self.input_tokens + self.output_tokens,
-            input_tokens=self.input_tokens,
-            output_tokens=self.output_tokens,
+            total_cost_usd=cost,
+            total_tokens=input_tokens + output_tokens,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
             unpriced_models=tuple(sorted(self.unpriced_models)) if self.unpriced_models else (),
             error=error,
             failed_step=failed_step,
             budget_exceeded=self.breaches[0] if self.breaches else None,
-            cost_by_step=self.cost_tracker.cost_by_node(),
+            cost_by_step=cost_by_step,
             trace_id=run.trace_id if run is not None else None,
         )
 

@@ -357,6 +357,13 @@ class CostTracker:
 
     # --- totals ----------------------------------------------------------------------------
 
+    def snapshot(self) -> tuple[float, int, int, dict[str, float]]:
+        """``(USD, input tokens, output tokens, USD per step id)`` over all steps, read together
+        (the per-step dict is a copy, in first-use order)."""
+        with self._lock:
+            by_step = {node_id: entry[1] for node_id, entry in self._usage.items()}
+            return self._cost, self._tokens - self._output_tokens, self._output_tokens, by_step
+
     @property
     def total_tokens(self) -> int:
         """Input + output tokens over all steps."""
