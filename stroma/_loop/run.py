@@ -137,7 +137,8 @@ async def run_step(
         spans.step_interrupted(step, exc)
         raise
     finally:
-        spans.step_left(step, token)
+        if token is not None:
+            spans.step_left(step, token)
 
 
 def prepare(step: StepState, func: Callable[..., Any], input_state: Any) -> None:
@@ -148,7 +149,8 @@ def prepare(step: StepState, func: Callable[..., Any], input_state: Any) -> None
     ctx.step_count += 1
     if contract is not None:
         ctx.registry.ensure(contract)
-    spans.content_seen(step, n.STEP_INPUT, input_state)
+    if ctx.telemetry.capture_content:
+        spans.content_seen(step, n.STEP_INPUT, input_state)
     step.input_state = step.validated_input = input_state
     if contract is not None:
         try:
@@ -182,7 +184,7 @@ async def admit(step: StepState) -> Outcome | None:
         if breach is not None:
             gate.release()
             return Outcome(state, breach=breach)
-    timeout = attempt_timeout(ctx, step.timeout_ms)
+    timeout = None if ctx.run_timeout_ms is None and step.timeout_ms is None else attempt_timeout(ctx, step.timeout_ms)
     if timeout is not None and timeout <= 0:
         if gate is not None:
             gate.release()
@@ -262,7 +264,8 @@ async def attempt(step: StepState) -> Outcome:
         raise
     finally:
         exit_attempt(usage_token)
-        spans.attempt_left(step, token)
+        if token is not None:
+            spans.attempt_left(step, token)
     if failure is not None:
         return await _failed(step, record, usage, started, failure)
     spans.attempt_valid(step, record)
@@ -277,7 +280,8 @@ async def attempt(step: StepState) -> Outcome:
         except BudgetExceeded as exc:
             breach = exc
     await checkpoint(step, output)
-    spans.content_seen(step, n.STEP_OUTPUT, output)
+    if step.ctx.telemetry.capture_content:
+        spans.content_seen(step, n.STEP_OUTPUT, output)
     return Outcome(output, breach=breach)
 
 
@@ -347,8 +351,9 @@ def charge(
     # The attempt ends now: pricing and bookkeeping below are not charged to its duration.
     duration_ms = int((perf_counter() - started) * 1000)
     ended_ns = time_ns()
-    spans.usage_settled(step, record, usage)
-    model = charged_model(step, usage.model)
+    if record.span_context is not None:  # a live span: model calls may have been traced below it
+        spans.usage_settled(step, record, usage)
+    model = usage.model if step.fallbacks is None else charged_model(step, usage.model)
     in_tok, out_tok = usage.input_tokens, usage.output_tokens
     cost = 0.0
     charged = None
