@@ -32,7 +32,7 @@ from opentelemetry import context as context_api
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import SpanKind, set_span_in_context
 
-from stroma._step_io import AttemptUsage
+from stroma._loop.step_io import AttemptUsage
 from stroma.telemetry import genai_usage
 from stroma.telemetry import names as n
 from stroma.telemetry.records import SpanRecord

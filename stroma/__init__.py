@@ -5,7 +5,7 @@ token tracking, budgets, model fallback and checkpoints, and each decision is an
 span or metric. The names below keep the established ``stroma`` API importable unchanged.
 """
 
-from stroma._step_io import current_model, report_usage
+from stroma._loop.step_io import current_model, report_usage
 from stroma._version import __version__
 from stroma.checkpoint import (
     AsyncCheckpointStore,

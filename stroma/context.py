@@ -16,12 +16,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from stroma._admission import BudgetGate
+from stroma._loop.admission import BudgetGate
 from stroma.contracts import ContractRegistry
 from stroma.cost import BudgetExceeded, CostTracker, Dimension, ExecutionBudget, FallbackPolicy, NodeUsage, SharedLimit
 from stroma.errors import exception_types
 from stroma.failures import Classifier, PolicyMap, RetryBudget
 from stroma.pricing import preload as preload_prices
+from stroma.runstore import enable_from_env
 from stroma.telemetry import names as n
 from stroma.telemetry import sinks
 from stroma.telemetry._bounds import bound_text
@@ -111,10 +112,6 @@ class ReliabilityContext:
     records: list[SpanRecord] = field(init=False, default_factory=list)
     keep_records: bool = field(init=False, default=False)
     breaches: list[BudgetExceeded] = field(init=False, default_factory=list)
-    cost_by_step: dict[str, float] = field(init=False, default_factory=dict)
-    input_tokens: int = field(init=False, default=0)
-    output_tokens: int = field(init=False, default=0)
-    total_cost: float = field(init=False, default=0.0)
     unpriced_models: set[str] = field(init=False, default_factory=set)
     step_count: int = field(init=False, default=0)
     run_record: SpanRecord | None = field(init=False, default=None)
@@ -136,9 +133,32 @@ class ReliabilityContext:
         # Span records are kept for the run sinks (the local run store) only.
         self.keep_records = sinks.has_run_sinks()
 
+    # --- run totals: one source, the cost tracker ------------------------------------------------
+
+    @property
+    def total_cost(self) -> float:
+        """USD spent by this run so far (``cost_tracker.total_cost_usd``)."""
+        return self.cost_tracker.total_cost_usd
+
+    @property
+    def input_tokens(self) -> int:
+        """Input tokens used by this run so far (``cost_tracker.total_input_tokens``)."""
+        return self.cost_tracker.total_input_tokens
+
+    @property
+    def output_tokens(self) -> int:
+        """Output tokens used by this run so far (``cost_tracker.total_output_tokens``)."""
+        return self.cost_tracker.total_output_tokens
+
+    @property
+    def cost_by_step(self) -> dict[str, float]:
+        """USD per step id that used anything, in first-use order (a copy; ``cost_tracker.cost_by_node()``)."""
+        return self.cost_tracker.cost_by_node()
+
     def spent(self) -> tuple[float, int]:
         """``(cost in USD, tokens)`` spent by this run so far."""
-        return self.total_cost, self.input_tokens + self.output_tokens
+        tracker = self.cost_tracker
+        return tracker.total_cost_usd, tracker.total_tokens
 
     @classmethod
     def for_run(
@@ -154,8 +174,6 @@ class ReliabilityContext:
         loaded here (once per process), before the first step. Setting ``STROMA_RUN_STORE`` turns the local run store on
         (:mod:`stroma.runstore`) for the runs created from then on.
         """
-        from stroma.runstore import enable_from_env
-
         enable_from_env()
         if config.budget.max_cost_usd is not None or config.model_fallbacks:
             # Load the price table before the first step, not inside its first priced attempt.
@@ -308,20 +326,21 @@ class ReliabilityContext:
     ) -> ExecutionResult:
         """The run's result so far, without ending the run (what each step call returns)."""
         run = self.run_record
+        cost, input_tokens, output_tokens, cost_by_step = self.cost_tracker.snapshot()
         return ExecutionResult(
             run_id=self.run_id,
             status=status,
             final_state=final_state,
             trace=self.trace,
-            total_cost_usd=self.total_cost,
-            total_tokens=self.input_tokens + self.output_tokens,
-            input_tokens=self.input_tokens,
-            output_tokens=self.output_tokens,
+            total_cost_usd=cost,
+            total_tokens=input_tokens + output_tokens,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
             unpriced_models=tuple(sorted(self.unpriced_models)) if self.unpriced_models else (),
             error=error,
             failed_step=failed_step,
             budget_exceeded=self.breaches[0] if self.breaches else None,
-            cost_by_step=dict(self.cost_by_step),
+            cost_by_step=cost_by_step,
             trace_id=run.trace_id if run is not None else None,
         )
 
@@ -414,11 +433,6 @@ class ReliabilityContext:
                     output_tokens=int(output_tokens),
                 )
             )
-        self.input_tokens += int(input_tokens)
-        self.output_tokens += int(output_tokens)
-        self.total_cost += float(cost_usd)
-        if input_tokens or output_tokens or cost_usd:
-            self.cost_by_step[step_id] = self.cost_by_step.get(step_id, 0.0) + float(cost_usd)
         self.step_count += 1
         record.end_ns = time.time_ns()
         self.telemetry.finish(record)

@@ -5,7 +5,8 @@
   :class:`BudgetExceeded` when a limit is exceeded after an attempt (:meth:`CostTracker.check_budget`)
   or already reached before one starts (:meth:`CostTracker.check_can_start`).
 * :class:`FallbackPolicy` switches a step to a cheaper model once spend crosses a share of the
-  cost budget (:func:`resolve_model`), or after a failed attempt of a given class.
+  cost budget, or after a failed attempt of a given class (one rule, :func:`select_fallback`,
+  used by :func:`resolve_model` and by the step loop).
 
 Overspend bound: an attempt only starts while every limit is still below its maximum, and its
 cost is known only once it returns, so a run overspends by at most the cost of the attempts
@@ -45,6 +46,7 @@ __all__ = [
     "StepUsage",
     "estimate_cost_usd",
     "resolve_model",
+    "select_fallback",
 ]
 
 
@@ -304,6 +306,13 @@ class CostTracker:
 
     # --- totals ----------------------------------------------------------------------------
 
+    def snapshot(self) -> tuple[float, int, int, dict[str, float]]:
+        """``(USD, input tokens, output tokens, USD per step id)`` over all steps, read together
+        (the per-step dict is a copy, in first-use order)."""
+        with self._lock:
+            by_step = {node_id: entry[1] for node_id, entry in self._usage.items()}
+            return self._cost, self._tokens - self._output_tokens, self._output_tokens, by_step
+
     @property
     def total_tokens(self) -> int:
         """Input + output tokens over all steps."""
@@ -387,10 +396,12 @@ class FallbackPolicy:
     Args:
         preferred_model: the model a step declares.
         fallback_model: the model used instead (must differ).
-        at_budget_pct: share of ``max_cost_usd`` (0 < pct <= 1) from which :func:`resolve_model`
-            switches to the fallback. Needs a cost limit; without one this rule never fires.
+        at_budget_pct: share of ``max_cost_usd`` (0 < pct <= 1) from which a step asking for
+            *preferred_model* gets the fallback. Needs a cost limit; without one this rule never
+            fires. Not used by a policy with ``on_failure`` (an error policy).
         on_failure: failure classes (``FailureClass`` members or their names) after which the
-            remaining attempts of a step use the fallback model; ``None`` (default) = never.
+            remaining attempts of a step use the fallback model; ``None`` (default): a budget
+            policy. See :func:`select_fallback` for the whole rule.
 
     Raises :class:`~stroma.errors.ConfigurationError` naming the setting for empty or equal
     model names, a share outside (0, 1], or an unknown failure class.
@@ -428,27 +439,58 @@ def _failure_classes(values: Any) -> frozenset[FailureClass]:
     return failure_classes(values, setting="FallbackPolicy.on_failure")
 
 
+def select_fallback(
+    model: str | None,
+    policies: Iterable[FallbackPolicy],
+    *,
+    utilization: float | None,
+    failures: Iterable[tuple[str | None, FailureClass]] = (),
+) -> FallbackPolicy | None:
+    """The one model-fallback rule: the first of *policies* that is for *model* and fires.
+
+    A policy is for *model* when its ``preferred_model`` is *model*; ``None`` (a step that does
+    not name the model it wants) matches every policy. A policy fires:
+
+    * without ``on_failure`` (a budget policy): once *utilization* (cost used / cost limit, see
+      :meth:`CostTracker.utilization`; ``None`` without a cost limit) reaches ``at_budget_pct``;
+    * with ``on_failure`` (an error policy): once an attempt of the step failed with a class it
+      names, on its preferred model, its fallback model or a model it did not report
+      (*failures* holds ``(model, failure class)`` per failed attempt). Its ``at_budget_pct``
+      is not used.
+
+    Fallbacks do not chain: the policy's ``fallback_model`` is used as given. Both
+    :func:`resolve_model` and the step loop (:func:`stroma.current_model`) apply this rule.
+    """
+    for policy in policies:
+        if model is not None and policy.preferred_model != model:
+            continue
+        on_failure = policy.on_failure
+        if on_failure is None:
+            if utilization is not None and utilization >= policy.at_budget_pct:
+                return policy
+            continue
+        for failed_model, failure_class in failures:
+            if failure_class in on_failure and failed_model in (None, policy.preferred_model, policy.fallback_model):
+                return policy
+    return None
+
+
 def resolve_model(
     declared_model: str | None,
     tracker: CostTracker,
     budget: ExecutionBudget,
     fallbacks: Iterable[FallbackPolicy] | Mapping[Any, FallbackPolicy],
 ) -> str | None:
-    """The model a step should use now, given spend so far (the budget-threshold rule).
+    """The model a step declaring *declared_model* should use now, given spend so far.
 
-    The first policy whose ``preferred_model`` equals *declared_model* and whose
-    ``at_budget_pct`` is reached (``total_cost_usd / max_cost_usd >= at_budget_pct``) gives its
-    ``fallback_model``; otherwise *declared_model* is returned unchanged. Fallbacks do not
-    chain. ``None`` stays ``None``; without a cost limit nothing changes. The ``on_failure``
-    rule is applied by the step loop, not here.
+    Applies :func:`select_fallback` (budget policies only: no attempt has failed here) with the
+    tracker's cost utilization: the first budget policy whose ``preferred_model`` is
+    *declared_model* and whose ``at_budget_pct`` is reached gives its ``fallback_model``;
+    otherwise *declared_model* is returned unchanged. ``None`` stays ``None``; without a cost
+    limit nothing changes.
     """
     if declared_model is None:
         return None
-    utilization = tracker.utilization(budget)
-    if utilization is None:
-        return declared_model
     policies = fallbacks.values() if isinstance(fallbacks, Mapping) else fallbacks
-    for policy in policies:
-        if policy.preferred_model == declared_model and utilization >= policy.at_budget_pct:
-            return policy.fallback_model
-    return declared_model
+    policy = select_fallback(declared_model, policies, utilization=tracker.utilization(budget))
+    return declared_model if policy is None else policy.fallback_model

@@ -47,7 +47,7 @@ class ConfigurationError(StromaError, ValueError):
 
 class UsageError(StromaError, ValueError):
     """A step reported usage Stroma cannot account for: a token count that is not an integer from
-    0 to :data:`stroma._step_io.MAX_TOKENS`, or a model name that is not a ``str``.
+    0 to :data:`stroma._loop.step_io.MAX_TOKENS`, or a model name that is not a ``str``.
 
     The message names the step. Raised by :func:`stroma.report_usage`; a step that lets it
     propagate fails as ``TERMINAL`` (it is a bug in the step, a retry would not fix it).

@@ -187,7 +187,7 @@ MAX_MODEL_CHARS: Final = MAX_LABEL_CHARS
 
 MAX_PRICE_PER_1M: Final = 1_000_000.0
 """Largest price override accepted, in USD per 1M tokens ($1 per token). With token counts
-bounded per attempt (:data:`stroma._step_io.MAX_TOKENS`) this keeps every cost finite."""
+bounded per attempt (:data:`stroma._loop.step_io.MAX_TOKENS`) this keeps every cost finite."""
 
 
 def _valid_price(value: object) -> bool:

@@ -25,7 +25,7 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from stroma._step_io import current_model, report_usage
+from stroma._loop.step_io import current_model, report_usage
 from stroma.middleware import retry_sleep
 from stroma.telemetry.settings import Redactor, TelemetrySettings
 

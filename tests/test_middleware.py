@@ -496,7 +496,16 @@ async def test_budget_fallback_only_touches_steps_on_the_preferred_model(capture
         return step
 
     await execute_step("summarize", await on("gpt-4o"), Doc(text="a"), ctx, contract=CONTRACT)
-    ctx.total_cost = price.cost(1000, 0)  # past the threshold
+    # past the threshold: the run's totals come from its cost tracker
+    ctx.cost_tracker.add(
+        "earlier",
+        tokens_used=1000,
+        output_tokens=0,
+        cost_usd=price.cost(1000, 0),
+        latency_ms=0,
+        model=None,
+        unpriced=False,
+    )
     await execute_step("summarize", await on("claude-haiku-4-5"), Doc(text="b"), ctx, contract=CONTRACT)
     await execute_step("summarize", await on("gpt-4o"), Doc(text="c"), ctx, contract=CONTRACT)
     assert seen == ["gpt-4o", "claude-haiku-4-5", "gpt-4o-mini"]

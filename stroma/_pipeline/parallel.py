@@ -7,7 +7,7 @@ and checkpoint. This module only schedules the calls, cancels siblings, and merg
 
 ``max_concurrency`` of :func:`~stroma.runner.parallel` caps how many children run at once
 (children waiting for a slot have no span yet). Under a cost or token budget the loop's own
-admission gate (:mod:`stroma._admission`) additionally holds back attempts that could together
+admission gate (:mod:`stroma._loop.admission`) additionally holds back attempts that could together
 overspend the limit by more than about one attempt.
 """
 

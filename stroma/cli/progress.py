@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import Any, TextIO
 
-from stroma._step_io import current_model
+from stroma._loop.step_io import current_model
 from stroma.cli.render import Style, format_duration, format_tokens
 from stroma.config import NodeHooks
 from stroma.failures import FailureClass

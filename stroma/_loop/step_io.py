@@ -1,6 +1,5 @@
-"""Calling a user's step and reading what it returns.
-
-Kept apart from the loop so that :mod:`stroma.middleware` reads as the loop alone.
+"""Calling a user's step and reading what it returns: the attempt's usage scope
+(:func:`report_usage`, :func:`current_model`), the step's call signature and return shapes.
 """
 
 from __future__ import annotations
@@ -15,7 +14,9 @@ from typing import Any, Final
 
 from pydantic import BaseModel, RootModel, ValidationError
 
+from stroma.cost import FallbackPolicy, select_fallback
 from stroma.errors import StromaError, UsageError
+from stroma.failures import FailureClass
 
 logger = logging.getLogger("stroma")
 
@@ -46,11 +47,46 @@ class AttemptUsage:
     asked_model: str | None = None
 
 
+class Fallbacks:
+    """The model-fallback policies of a run as they stand for one attempt.
+
+    *utilization* is the run's cost utilization when the attempt started; *failures* the
+    ``(model, failure class)`` of the step's failed attempts so far. :meth:`policy_for` applies
+    the one rule (:func:`stroma.cost.select_fallback`).
+    """
+
+    __slots__ = ("failures", "policies", "utilization")
+
+    def __init__(
+        self,
+        policies: list[FallbackPolicy],
+        utilization: float | None,
+        failures: list[tuple[str | None, FailureClass]],
+    ) -> None:
+        self.policies = policies
+        self.utilization = utilization
+        self.failures = failures
+
+    def policy_for(self, model: str | None) -> FallbackPolicy | None:
+        """The policy that applies to a step asking for *model* now, if any."""
+        return select_fallback(model, self.policies, utilization=self.utilization, failures=self.failures)
+
+    def policy_used(self, model: str) -> FallbackPolicy | None:
+        """The firing policy an attempt that used *model* fell back by: *model* is its fallback
+        model, or its preferred model asked for while it applied."""
+        for policy in self.policies:
+            if (
+                model in (policy.preferred_model, policy.fallback_model)
+                and self.policy_for(policy.preferred_model) is policy
+            ):
+                return policy
+        return None
+
+
 @dataclass
 class _AttemptScope:
     usage: AttemptUsage
-    preferred: str | None
-    fallback: str | None
+    fallbacks: Fallbacks | None
     step_id: str | None = None
 
 
@@ -116,10 +152,11 @@ def report_usage(input_tokens: int = 0, output_tokens: int = 0, model: str | Non
 def current_model(default: str | None = None) -> str | None:
     """The model the running step should call.
 
-    Once a :class:`~stroma.cost.FallbackPolicy` applies (its budget threshold is crossed, or
-    the step failed with a class it names), this returns its ``fallback_model`` when *default*
-    is its ``preferred_model`` or ``None``; any other *default* is returned unchanged (a step on
-    another model is not affected). Outside a step it returns *default*.
+    Once a :class:`~stroma.cost.FallbackPolicy` for *default* applies (its budget threshold is
+    crossed, or the step failed with a class it names), this returns its ``fallback_model``;
+    a *default* no policy is for is returned unchanged, and ``None`` gets the first policy that
+    applies (:func:`stroma.cost.select_fallback` is the rule). Outside a step it returns
+    *default*.
 
     The fallback model is also in the step's context dict under ``"_stroma_model"`` (the
     established API), for steps that take a second parameter.
@@ -128,18 +165,19 @@ def current_model(default: str | None = None) -> str | None:
     if scope is None:
         return default
     model = default
-    if scope.fallback is not None and (default is None or default == scope.preferred):
-        model = scope.fallback
+    if scope.fallbacks is not None:
+        policy = scope.fallbacks.policy_for(default)
+        if policy is not None:
+            model = policy.fallback_model
     if isinstance(model, str):
         scope.usage.asked_model = model
     return model
 
 
-def enter_attempt(
-    preferred: str | None, fallback: str | None, step_id: str | None = None
-) -> tuple[AttemptUsage, object]:
+def enter_attempt(fallbacks: Fallbacks | None, step_id: str | None = None) -> tuple[AttemptUsage, object]:
+    """Open the usage scope of one attempt; :func:`exit_attempt` closes it."""
     usage = AttemptUsage()
-    token = _current.set(_AttemptScope(usage, preferred, fallback, step_id))
+    token = _current.set(_AttemptScope(usage, fallbacks, step_id))
     return usage, token
 
 
