@@ -62,6 +62,9 @@ _RANDOM = TraceFlags.RANDOM_TRACE_ID
 _SAMPLED = TraceFlags.SAMPLED
 _EVENT_CACHE_SIZE = 256
 _MULTI = (SynchronousMultiSpanProcessor, ConcurrentMultiSpanProcessor)
+# what a span without events or links holds (the SDK makes a new empty BoundedList per span; a
+# ReadableSpan only ever shows it as a new tuple, so one empty list serves every span)
+_NONE = BoundedList(0)
 
 
 def _noop_pass(self: Any, span: Any, parent_context: Any = None) -> None:
@@ -399,8 +402,8 @@ class QuietSpan(trace_api.Span):
             parent=self.parent,
             resource=tracer.resource,
             attributes=attributes,
-            events=self._events if self._events is not None else BoundedList(limits.max_events),
-            links=self._links if self._links is not None else BoundedList(limits.max_links),
+            events=self._events if self._events is not None else _NONE,
+            links=self._links if self._links is not None else _NONE,
             kind=_INTERNAL,
             status=self._status,
             start_time=self.start_time,

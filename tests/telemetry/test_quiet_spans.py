@@ -510,6 +510,8 @@ def test_the_sdk_internals_the_quiet_spans_read_are_there() -> None:
     ):
         assert hasattr(limits, name), name
     provider.shutdown()
+    # genai_usage reads the global provider without the environment lookup while it is unset
+    assert hasattr(trace_api, "_TRACER_PROVIDER")
 
 
 def test_a_disabled_or_non_sdk_tracer_is_never_quiet() -> None:
