@@ -45,6 +45,7 @@ from opentelemetry.sdk.trace import (
     SynchronousMultiSpanProcessor,
     Tracer,
 )
+from opentelemetry.sdk.trace.sampling import Decision, ParentBased, StaticSampler
 from opentelemetry.sdk.util import BoundedList
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
@@ -140,8 +141,12 @@ class QuietTracer:
         else:
             trace_id = parent.trace_id
             random_trace_id = parent.trace_flags.random_trace_id
-        result = tracer.sampler.should_sample(None, trace_id, name, _INTERNAL, attributes, ())
-        decision = result.decision
+        decision = _static_decision(tracer.sampler, parent)
+        if decision is None:
+            result = tracer.sampler.should_sample(None, trace_id, name, _INTERNAL, attributes, ())
+            decision, given, trace_state = result.decision, result.attributes, result.trace_state
+        else:  # what the static sampler returns, without building its result
+            given, trace_state = attributes, None if parent is None else parent.trace_state
         flags = _SAMPLED if decision.is_sampled() else 0
         if random_trace_id:
             flags |= _RANDOM
@@ -150,12 +155,12 @@ class QuietTracer:
             tracer.id_generator.generate_span_id(),
             is_remote=False,
             trace_flags=_FLAGS[flags],
-            trace_state=result.trace_state,
+            trace_state=trace_state,
         )
         ended = tracer._tracer_metrics.start_span(parent, decision)
         if not decision.is_recording():
             return trace_api.NonRecordingSpan(context=context)
-        span = QuietSpan(self, name, context, parent, result.attributes, start_ns, ended)
+        span = QuietSpan(self, name, context, parent, given, start_ns, ended)
         if self._genai:
             genai_usage.PROCESSOR.on_start(span, parent_context=None)
         return span
@@ -181,6 +186,25 @@ class QuietTracer:
                 self._events.clear()
             self._events[key] = bounded
         return bounded
+
+
+def _static_decision(sampler: Any, parent: SpanContext | None) -> Decision | None:
+    """The decision of *sampler* for a span under *parent* (a valid span context or ``None``)
+    when it is a static one (``ALWAYS_ON``, ``ALWAYS_OFF``, or what a ``ParentBased`` sampler,
+    the SDK's default, delegates to here); ``None`` for any other sampler (it is then asked)."""
+    if type(sampler) is ParentBased:
+        if parent is None:
+            sampler = sampler._root
+        elif parent.is_remote:
+            sampled = parent.trace_flags.sampled
+            sampler = sampler._remote_parent_sampled if sampled else sampler._remote_parent_not_sampled
+        else:
+            sampled = parent.trace_flags.sampled
+            sampler = sampler._local_parent_sampled if sampled else sampler._local_parent_not_sampled
+    if type(sampler) is StaticSampler:
+        decision: Decision = sampler._decision
+        return decision
+    return None
 
 
 def _plain(attributes: Iterable[tuple[Any, Any]], max_length: int | None) -> bool:

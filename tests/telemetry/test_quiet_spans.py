@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 import pytest
+from opentelemetry import context as context_api
 from opentelemetry import trace as trace_api
 from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
@@ -34,6 +35,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.sdk.trace.id_generator import IdGenerator
 from opentelemetry.sdk.trace.sampling import (
     ALWAYS_OFF,
+    ALWAYS_ON,
+    DEFAULT_ON,
     Decision,
     ParentBased,
     Sampler,
@@ -374,7 +377,30 @@ async def under_a_user_span(env: Setup) -> Any:
         return summary(await execute_step("draft", draft, Ticket(text="x"), ctx, contract=CONTRACT))
 
 
-SCENARIOS = [clean, retries_with_model_calls, user_writes_on_the_current_span, failures_and_breach, under_a_user_span]
+async def under_a_remote_parent(env: Setup) -> Any:
+    # a run continued from an incoming request: remote parent, its trace state carried on
+    async def draft(ticket: Ticket) -> Any:
+        return {"text": "x", "words": 1}, 10, 5, "gpt-4o"
+
+    remote = SpanContext(
+        0x1234, 0x5678, is_remote=True, trace_flags=TraceFlags(1), trace_state=TraceState([("vendor", "v1")])
+    )
+    ctx = env.ctx()
+    token = context_api.attach(trace_api.set_span_in_context(trace_api.NonRecordingSpan(remote)))
+    try:
+        return summary(await execute_step("draft", draft, Ticket(text="x"), ctx, contract=CONTRACT))
+    finally:
+        context_api.detach(token)
+
+
+SCENARIOS = [
+    clean,
+    retries_with_model_calls,
+    user_writes_on_the_current_span,
+    failures_and_breach,
+    under_a_user_span,
+    under_a_remote_parent,
+]
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda s: s.__name__)
@@ -399,10 +425,20 @@ async def test_the_export_is_the_sdks_under_tight_span_limits(scenario: Scenario
 
 @pytest.mark.parametrize(
     "sampler",
-    [ALWAYS_OFF, ParentBased(TraceIdRatioBased(0.5)), TraceIdRatioBased(0.5), TaggingSampler()],
-    ids=["always-off", "parent-ratio", "ratio", "tagging-record-only"],
+    [
+        ALWAYS_OFF,
+        ALWAYS_ON,
+        ParentBased(ALWAYS_OFF),
+        ParentBased(TraceIdRatioBased(0.5)),
+        ParentBased(ALWAYS_ON, remote_parent_sampled=ALWAYS_OFF, local_parent_sampled=TraceIdRatioBased(0.5)),
+        TraceIdRatioBased(0.5),
+        TaggingSampler(),
+    ],
+    ids=["always-off", "always-on", "parent-off", "parent-ratio", "parent-mixed", "ratio", "tagging-record-only"],
 )
-@pytest.mark.parametrize("scenario", [clean, retries_with_model_calls, under_a_user_span], ids=lambda s: s.__name__)
+@pytest.mark.parametrize(
+    "scenario", [clean, retries_with_model_calls, under_a_user_span, under_a_remote_parent], ids=lambda s: s.__name__
+)
 async def test_the_export_is_the_sdks_whatever_the_sampler(scenario: Scenario, sampler: Any) -> None:
     # results and metrics do not depend on sampling; spans are the sampler's, as with the SDK
     await both(scenario, sampler=sampler)
@@ -510,6 +546,13 @@ def test_the_sdk_internals_the_quiet_spans_read_are_there() -> None:
     ):
         assert hasattr(limits, name), name
     provider.shutdown()
+    # static samplers (the default ParentBased(ALWAYS_ON) included) are decided without a call
+    assert tracer.sampler is DEFAULT_ON and type(DEFAULT_ON) is ParentBased
+    for name in ("_root", "_remote_parent_sampled", "_remote_parent_not_sampled"):
+        assert isinstance(getattr(DEFAULT_ON, name), Sampler), name
+    for name in ("_local_parent_sampled", "_local_parent_not_sampled"):
+        assert isinstance(getattr(DEFAULT_ON, name), Sampler), name
+    assert ALWAYS_ON._decision is Decision.RECORD_AND_SAMPLE and ALWAYS_OFF._decision is Decision.DROP
     # genai_usage reads the global provider without the environment lookup while it is unset
     assert hasattr(trace_api, "_TRACER_PROVIDER")
 
