@@ -65,7 +65,7 @@ _EVENT_CACHE_SIZE = 256
 _MULTI = (SynchronousMultiSpanProcessor, ConcurrentMultiSpanProcessor)
 # what a span without events or links holds (the SDK makes a new empty BoundedList per span; a
 # ReadableSpan only ever shows it as a new tuple, so one empty list serves every span)
-_NONE = BoundedList(0)
+_NONE: BoundedList[Any] = BoundedList(0)
 
 
 def _noop_pass(self: Any, span: Any, parent_context: Any = None) -> None:
@@ -335,8 +335,10 @@ class QuietSpan(trace_api.Span):
             self.name = name
 
     def set_status(self, status: Status | StatusCode, description: str | None = None) -> None:
-        if self._closed("set_status"):
-            return
+        if not self._closed("set_status"):
+            self._set_status(status, description)
+
+    def _set_status(self, status: Status | StatusCode, description: str | None) -> None:
         ok = self._status.status_code is StatusCode.OK
         if isinstance(status, Status):
             if ok or status.status_code is StatusCode.UNSET:
@@ -383,6 +385,9 @@ class QuietSpan(trace_api.Span):
         if self.end_time is not None:
             logger.warning("Calling end() on an ended span.")
             return
+        # ended from here on: a write from another thread now is refused (as on an ended span)
+        # rather than racing with the copy below
+        self.end_time = end_ns
         owner = self._owner
         tracer = owner.tracer
         limits = tracer._span_limits
@@ -417,8 +422,7 @@ class QuietSpan(trace_api.Span):
                 attributes["error.type"] = error[0]
             attributes._immutable = True
         if error is not None:
-            self.set_status(error[1])
-        self.end_time = end_ns
+            self._set_status(error[1], None)
         self._ended_metrics()
         span = ReadableSpan(
             name=self.name,
