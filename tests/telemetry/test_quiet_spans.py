@@ -23,6 +23,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import (
+    ConcurrentMultiSpanProcessor,
     ReadableSpan,
     SpanLimits,
     SpanProcessor,
@@ -138,7 +139,14 @@ class TaggingSampler(Sampler):
 
 
 class Setup:
-    def __init__(self, quiet: bool, sampler: Any = None, limits: SpanLimits | None = None, random_ids: bool = True):
+    def __init__(
+        self,
+        quiet: bool,
+        sampler: Any = None,
+        limits: SpanLimits | None = None,
+        random_ids: bool = True,
+        concurrent: bool = False,
+    ):
         kwargs: dict[str, Any] = {
             "resource": Resource.create({"service.name": "quiet-test", "deployment.environment": "test"}),
             "id_generator": SeededIds(random_ids),
@@ -147,6 +155,8 @@ class Setup:
             kwargs["sampler"] = sampler
         if limits is not None:
             kwargs["span_limits"] = limits
+        if concurrent:
+            kwargs["active_span_processor"] = ConcurrentMultiSpanProcessor(2)
         self.tracer_provider = TracerProvider(**kwargs)
         self.exporter = InMemorySpanExporter()
         self.every = EveryEnd()
@@ -446,6 +456,10 @@ async def test_the_export_is_the_sdks_whatever_the_sampler(scenario: Scenario, s
 
 async def test_the_export_is_the_sdks_without_random_trace_ids() -> None:
     await both(clean, random_ids=False)
+
+
+async def test_the_export_is_the_sdks_with_concurrent_processors() -> None:
+    await both(retries_with_model_calls, concurrent=True)
 
 
 async def test_a_processor_working_in_on_start_gets_the_sdks_spans() -> None:
