@@ -14,7 +14,10 @@ attributes that need no cleaning, so :class:`QuietSpan` does what the SDK does w
   SDK's rules: attributes, events and links go into the SDK's own ``BoundedAttributes`` and
   ``BoundedList`` under the tracer's ``SpanLimits``; status, name and exceptions as ``Span`` does;
 * at the end it builds the ``ReadableSpan`` the SDK would build and calls the tracer's
-  ``span_processor.on_end`` with it, so exporters see the same span.
+  ``span_processor.on_end`` with it, so exporters see the same span. Where nothing was dropped
+  its attributes and events are a plain ``dict`` and ``list`` rather than the SDK's bounded
+  containers: ``ReadableSpan`` shows both as a read-only mapping and a tuple, with the same
+  dropped counts (0), so what is exported is the same.
 
 It is only used when the result cannot differ (:meth:`QuietTracer.usable`): an SDK ``Tracer`` of
 the pinned version, enabled, whose span processors do nothing in ``on_start`` and
@@ -313,9 +316,21 @@ class QuietSpan(trace_api.Span):
         event = Event(name=name, attributes=self._owner.event_attributes(attributes), timestamp=timestamp)
         if self._closed("_add_event"):
             return
-        if self._events is None:
-            self._events = BoundedList(self._owner.tracer._span_limits.max_events)
-        self._events.append(event)
+        events = self._events
+        if events is None:
+            events = self._events = [event]
+        elif type(events) is list:
+            events.append(event)
+        else:
+            events.append(event)
+            return
+        # a plain list while under the limit (nothing dropped: exported the same); the SDK's
+        # BoundedList, which drops the oldest, from the event that reaches it
+        maximum = self._owner.tracer._span_limits.max_events
+        if maximum is not None and len(events) >= maximum:
+            bounded: BoundedList[Event] = BoundedList(maximum)
+            bounded.extend(events)
+            self._events = bounded
 
     def add_link(self, context: SpanContext, attributes: Mapping[str, Any] | None = None) -> None:
         if not (context and (context.is_valid or (attributes or context.trace_state))):
@@ -407,11 +422,9 @@ class QuietSpan(trace_api.Span):
                 if error is not None:
                     final.pop("error.type", None)
                     final["error.type"] = error[0]
-                # the SDK's container, filled with what it would have cleaned to the same values
-                attributes = BoundedAttributes(
-                    maximum, None, immutable=True, max_value_len=limits.max_span_attribute_length
-                )
-                attributes._dict = final
+                # what the SDK's container would hold, nothing dropped (a ReadableSpan shows either
+                # as a read-only mapping and exports the same)
+                attributes: Mapping[str, Any] = final
             else:
                 attributes = self._replay(start, later, error)
         else:
