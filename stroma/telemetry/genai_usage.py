@@ -72,7 +72,6 @@ from typing import Any, Final, Literal
 
 import genai_prices
 from opentelemetry import trace as trace_api
-from opentelemetry.environment_variables import OTEL_PYTHON_TRACER_PROVIDER
 from opentelemetry.trace import SpanKind
 
 # a module reference, not names: stroma.pricing imports stroma.telemetry while it initialises
@@ -294,11 +293,7 @@ def attach(tracer_provider: Any) -> bool:
 
 
 def _attach_global() -> None:
-    # the global provider is set once; until it is, get_tracer_provider() reads the environment
-    # on every call (OTEL_PYTHON_TRACER_PROVIDER), so that call is only made when it can matter
-    provider = trace_api._TRACER_PROVIDER
-    if provider is None and OTEL_PYTHON_TRACER_PROVIDER in os.environ:
-        provider = trace_api.get_tracer_provider()
+    provider = trace_api.get_tracer_provider()
     if provider is not _global_seen[0]:
         _global_seen[0] = provider
         attach(provider)
