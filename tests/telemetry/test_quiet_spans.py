@@ -462,6 +462,24 @@ async def test_the_export_is_the_sdks_with_concurrent_processors() -> None:
     await both(retries_with_model_calls, concurrent=True)
 
 
+async def test_the_export_is_the_sdks_when_the_users_code_ends_the_attempt_span() -> None:
+    async def ends(env: Setup) -> Any:
+        async def draft(ticket: Ticket) -> Any:
+            span = trace_api.get_current_span()
+            span.set_attribute("user.key", "value")
+            span.end()  # what Stroma adds later is refused, as on an ended SDK span
+            span.set_attribute("user.late", True)
+            span.add_event("user.late")
+            return {"text": "x", "words": 1}, 10, 5, "gpt-4o"
+
+        ctx = env.ctx()
+        return summary(await execute_step("draft", draft, Ticket(text="x"), ctx, contract=CONTRACT))
+
+    ended, _ = await both(ends)
+    [attempt] = [s for s in ended if s.name.startswith("attempt")]
+    assert "user.late" not in (attempt.attributes or {}) and n.MODEL not in (attempt.attributes or {})
+
+
 async def test_a_processor_working_in_on_start_gets_the_sdks_spans() -> None:
     env = Setup(quiet=True)
     try:
