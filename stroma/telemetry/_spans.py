@@ -125,7 +125,8 @@ class QuietTracer:
         if processors is not self._seen:
             self._genai = any(p is genai_usage.PROCESSOR for p in processors)
             self._quiet = all(
-                p is genai_usage.PROCESSOR or (does_nothing(type(p).on_start) and does_nothing(type(p)._on_ending))
+                p is genai_usage.PROCESSOR
+                or (does_nothing(getattr(p, "on_start", None)) and does_nothing(getattr(p, "_on_ending", None)))
                 for p in processors
             )
             self._seen = processors
