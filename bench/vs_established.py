@@ -8,7 +8,11 @@ and ``CheckpointManager(InMemoryStore())`` — what a user of the established pa
 - ``established + 2 SDK spans``: the same, inside spans a user writes by hand to get a trace
   (a run span per run, a step span per step);
 - ``ours, OTEL_SDK_DISABLED=true``: this checkout's ``execute_step`` inside ``ctx.as_run()``;
-- ``ours, traced``: the same on the same SDK set-up.
+- ``ours, traced``: the same on the same SDK set-up;
+- ``ours, traced, SDK spans``: the same with step and attempt spans started and ended by the
+  SDK's ``Tracer.start_span`` / ``Span.end`` instead of Stroma's quiet spans
+  (``stroma.telemetry._spans``), which export the same: what the quiet spans save, measured in
+  the same run.
 
 SDK set-up on both sides: a ``TracerProvider`` with a ``BatchSpanProcessor`` to an exporter that
 drops every batch, and a ``MeterProvider`` whose metrics are collected only when read.
@@ -69,6 +73,7 @@ VARIANTS = {
     "established + 2 SDK spans": ("established", "spans"),
     "ours, OTEL_SDK_DISABLED=true": ("ours", "off"),
     "ours, traced": ("ours", "traced"),
+    "ours, traced, SDK spans": ("ours", "traced-sdk"),
 }
 
 
@@ -206,6 +211,9 @@ def parent(runs: int, rounds: int) -> int:
     off = median["ours, OTEL_SDK_DISABLED=true"] / median["established, untraced"]
     print(f"ours traced / established + spans    = {traced:.2f}x (target <= 0.80x)")
     print(f"ours off / established untraced      = {off:.2f}x (target <= 0.60x)")
+    quiet = median["ours, traced"] / median["ours, traced, SDK spans"]
+    sdk = median["ours, traced, SDK spans"] / median["established + 2 SDK spans"]
+    print(f"ours traced / ours with SDK spans    = {quiet:.2f}x (SDK spans / established + spans = {sdk:.2f}x)")
     return 0
 
 
@@ -282,9 +290,12 @@ def make_workload(side: str, mode: str) -> Any:
         return run_once
 
     settings: dict[str, Any] = {}
-    if mode == "traced":
+    if mode in ("traced", "traced-sdk"):
         tracer_provider, meter_provider = sdk_providers()
-        settings["telemetry"] = stroma.TelemetrySettings(tracer_provider=tracer_provider, meter_provider=meter_provider)
+        telemetry = stroma.TelemetrySettings(tracer_provider=tracer_provider, meter_provider=meter_provider)
+        settings["telemetry"] = telemetry
+        if mode == "traced-sdk":
+            stroma.telemetry.get_telemetry(telemetry).quiet = None  # the SDK's own spans
 
     async def run_ours() -> None:
         ctx = stroma.ReliabilityContext.for_run(stroma.RunConfig(**settings), registry, manager)

@@ -20,7 +20,8 @@ class SpanRecord:
 
     ``attributes`` uses the exact names of :mod:`stroma.telemetry.names`; ``events`` are
     ``(name, attributes)`` pairs in order; ``error_type`` is ``None`` for a span whose status is
-    OK or unset. ``span`` is the live OpenTelemetry span or ``None`` when telemetry is off.
+    OK or unset. ``span`` is the live OpenTelemetry span or ``None`` when telemetry is off (for
+    steps and attempts usually a quiet span, :mod:`stroma.telemetry._spans`, exported the same).
 
     Attributes present when the span starts are given to it then (samplers see them); those
     added later are copied when it ends. So an attribute set at start must not change later

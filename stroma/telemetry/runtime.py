@@ -30,6 +30,7 @@ from stroma.telemetry import names as n
 from stroma.telemetry._bounds import LabelValues
 from stroma.telemetry._prompt import configure as _configure_prompt_export
 from stroma.telemetry._prompt import export_soon as _export_soon
+from stroma.telemetry._spans import QuietSpan, QuietTracer
 from stroma.telemetry.providers import lost, resolve_providers
 from stroma.telemetry.records import SpanRecord
 from stroma.telemetry.settings import TelemetrySettings
@@ -38,6 +39,8 @@ logger = logging.getLogger("stroma.telemetry")
 
 _REDACTED = "[REDACTED]"
 _INTERNAL = SpanKind.INTERNAL
+# the spans of every step: recorded as quiet spans when the SDK's result cannot differ
+_QUIET_KINDS = frozenset({n.SPAN_STEP, n.SPAN_ATTEMPT})
 
 
 class _FaultLog:
@@ -85,6 +88,7 @@ class Telemetry:
         # values per label (past the bound: "_other"), see stroma.telemetry._bounds
         self.label_values = LabelValues()
         self.tracer: Any = None
+        self.quiet: QuietTracer | None = None
         self.providers: tuple[int, ...] = ()
         self._flushable: tuple[Any, Any] = (None, None)
         self.usage_source = settings.resolved_usage_source()
@@ -96,6 +100,9 @@ class Telemetry:
         # model-call spans below an attempt are charged to it (issue 10)
         genai_usage.attach(tracer_provider)
         self.tracer = tracer_provider.get_tracer("stroma", __version__)
+        # step and attempt spans skip the SDK's per-span work when it cannot change the export
+        # (stroma.telemetry._spans); ``None`` always uses the SDK's own spans
+        self.quiet = QuietTracer(self.tracer)
         meter = meter_provider.get_meter("stroma", __version__)
         # Counters are summed here, in-process, and reported as cumulative observable counters
         # when a reader collects: a step costs a few dict updates instead of one SDK
@@ -159,15 +166,19 @@ class Telemetry:
         if not self.enabled:
             return
         try:
-            span = self.tracer.start_span(
-                record.name,
-                kind=_INTERNAL,
-                attributes=record.attributes,
-                links=links,
-                start_time=record.start_ns,
-                record_exception=False,
-                set_status_on_exception=False,
-            )
+            quiet = self.quiet
+            if quiet is not None and not links and record.kind in _QUIET_KINDS and quiet.usable():
+                span = quiet.start(record.name, record.attributes, record.start_ns)
+            else:
+                span = self.tracer.start_span(
+                    record.name,
+                    kind=_INTERNAL,
+                    attributes=record.attributes,
+                    links=links,
+                    start_time=record.start_ns,
+                    record_exception=False,
+                    set_status_on_exception=False,
+                )
             record.span = span
             record.exported = len(record.attributes)
             span_context = span.get_span_context()
@@ -189,6 +200,15 @@ class Telemetry:
         try:
             attributes = record.attributes
             skip = record.exported
+            if type(span) is QuietSpan:
+                later = list(islice(attributes.items(), skip, None)) if skip else list(attributes.items())
+                error = record.error_type
+                span.finish(
+                    later,
+                    None if error is None else (error, Status(StatusCode.ERROR, record.status_description)),
+                    record.end_ns,
+                )
+                return
             if skip:
                 span.set_attributes(dict(islice(attributes.items(), skip, None)))
             else:
