@@ -35,15 +35,6 @@ ALLOWED_LOCAL_IMPORTS: dict[tuple[str, str], str] = {
     ("stroma/cli/commands.py", "stroma.demo"): "CLI start-up time: stroma.demo loads OpenTelemetry's SDK",
 }
 
-# Violations in files owned by other helpers during issue 9 (middleware, the step loop's private
-# modules, context, telemetry). TEMPORARY: the lead empties this after merging their branches;
-# it must not grow. Keys are "file:rule:detail" (no line numbers, so unrelated edits keep them).
-PENDING_OTHER_HELPERS: set[str] = {
-    # telemetry providers <-> runtime (the "traced" helper): a reset listener instead of the back-import
-    "stroma/telemetry/providers.py:local-import:imports stroma.telemetry.runtime inside a function",
-    "stroma/telemetry/runtime.py:local-import:imports stroma.telemetry.providers inside a function",
-}
-
 
 @dataclass(frozen=True)
 class Violation:
@@ -51,10 +42,6 @@ class Violation:
     line: int
     rule: str
     detail: str
-
-    @property
-    def key(self) -> str:
-        return f"{self.path}:{self.rule}:{self.detail}"
 
     def __str__(self) -> str:
         return f"{self.path}:{self.line}: {self.rule}: {self.detail}"
@@ -168,15 +155,8 @@ def _all_violations() -> list[Violation]:
 
 
 def test_no_private_names_across_modules_and_no_unlisted_local_imports() -> None:
-    found = [v for v in _all_violations() if v.key not in PENDING_OTHER_HELPERS]
+    found = _all_violations()
     assert not found, "architecture rules broken:\n" + "\n".join(str(v) for v in found)
-
-
-def test_the_pending_list_only_names_violations_that_still_exist() -> None:
-    # once another helper's branch fixes one, its entry must go (the list only shrinks)
-    current = {v.key for v in _all_violations()}
-    stale = sorted(PENDING_OTHER_HELPERS - current)
-    assert not stale, "fixed, remove from PENDING_OTHER_HELPERS:\n" + "\n".join(stale)
 
 
 def test_the_allowlist_only_names_local_imports_that_exist() -> None:

@@ -261,6 +261,21 @@ _private: _Private | None = None
 inherited_at_fork: tuple[int, ...] = ()
 
 
+_replaced_listeners: list[Callable[[], None]] = []
+
+
+def on_providers_replaced(listener: Callable[[], None]) -> None:
+    """Call *listener* whenever the private providers are replaced or shut down, so what was
+    built over the old ones (the runtime's cached :class:`~stroma.telemetry.runtime.Telemetry`
+    objects) is dropped. A listener instead of an import of the runtime keeps this module below it."""
+    _replaced_listeners.append(listener)
+
+
+def _providers_replaced() -> None:
+    for listener in list(_replaced_listeners):
+        listener()
+
+
 def _after_fork_in_child() -> None:
     # The child gets private providers of its own on first use (a new service.instance.id, its
     # own export threads); the parent's, inherited half-alive, are dropped unexported so that
@@ -402,9 +417,7 @@ def configure_otlp(endpoint: str | None = None, *, protocol: str | None = None) 
         _private = _build_private()
     if old is not None:
         _shutdown_private(old, 5.0)
-    from stroma.telemetry import runtime
-
-    runtime.reset()
+    _providers_replaced()
 
 
 def install_global() -> None:
@@ -508,9 +521,7 @@ def shutdown(timeout_s: float = 5.0, *, _exiting: bool = False) -> bool:
         _private = None
     if old is None:
         return True
-    from stroma.telemetry import runtime
-
-    runtime.reset()
+    _providers_replaced()
     if not (_exiting and old.exporting):
         return _shutdown_private(old, timeout_s)
     lost_before = lost.total()

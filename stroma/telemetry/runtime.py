@@ -25,7 +25,7 @@ from opentelemetry.trace import set_span_in_context as _set_span_in_context
 
 from stroma._version import __version__
 from stroma.errors import exception_types
-from stroma.telemetry import genai_usage
+from stroma.telemetry import genai_usage, providers
 from stroma.telemetry import names as n
 from stroma.telemetry._bounds import LabelValues
 from stroma.telemetry._prompt import configure as _configure_prompt_export
@@ -487,8 +487,6 @@ def _after_fork_in_child() -> None:
     # A forked child must not report its parent's counts again: its sums start at zero, and
     # what was cached for the parent's private providers is dropped (stroma.telemetry.providers
     # builds the child its own). Runs single-threaded: inherited locks are replaced, not taken.
-    from stroma.telemetry import providers
-
     global _cache_lock
     _cache_lock = threading.Lock()
     inherited = set(providers.inherited_at_fork)
@@ -501,5 +499,6 @@ def _after_fork_in_child() -> None:
     faults._lock = threading.Lock()
 
 
+providers.on_providers_replaced(reset)
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
