@@ -157,6 +157,7 @@ class CheckpointManager:
         self._timeout = None if timeout_seconds is None else float(timeout_seconds)
         self._has = {name: callable(getattr(store, name, None)) for name in _OPTIONAL}
         self._blocking = bool(getattr(store, "blocking", True))
+        self._async_funcs: dict[Callable[..., Any], bool] = {}
         kind = getattr(store, "store_kind", None)
         self._kind = kind if isinstance(kind, str) and kind else type(store).__name__
 
@@ -176,7 +177,7 @@ class CheckpointManager:
     # --- plumbing --------------------------------------------------------------------------------
 
     async def _invoke(self, method: Callable[..., Any], args: tuple[Any, ...]) -> Any:
-        if inspect.iscoroutinefunction(method):
+        if self._is_async(method):
             return await method(*args)
         if self._blocking:
             result = await _on_daemon_thread(method, args)
@@ -212,10 +213,23 @@ class CheckpointManager:
         except asyncio.TimeoutError as exc:
             raise timed_out() from exc
 
+    def _is_async(self, method: Callable[..., Any]) -> bool:
+        """``inspect.iscoroutinefunction(method)``, decided once per function of the store's class
+        (a store's methods do not change kind; a method replaced on the instance is looked at anew)."""
+        func = getattr(method, "__func__", None)
+        if func is None:
+            return inspect.iscoroutinefunction(method)
+        known = self._async_funcs.get(func)
+        if known is None:
+            if len(self._async_funcs) >= 64:  # bounded: methods swapped in at run time are not kept forever
+                self._async_funcs.clear()
+            known = self._async_funcs[func] = inspect.iscoroutinefunction(method)
+        return known
+
     async def _call(self, name: str, *args: Any, action: str, run_id: str, step_id: str | None) -> Any:
         method = getattr(self._store, name)
         try:
-            if not self._blocking and not inspect.iscoroutinefunction(method):
+            if not self._blocking and not self._is_async(method):
                 # An in-process store answers at once: no thread, and no timeout timer (a cancelled
                 # timer holds its context, the current span included, until the loop runs again).
                 result = method(*args)
