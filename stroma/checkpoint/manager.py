@@ -233,19 +233,22 @@ class CheckpointManager:
                 # An in-process store answers at once: no thread, and no timeout timer (a cancelled
                 # timer holds its context, the current span included, until the loop runs again).
                 result = method(*args)
-                if not inspect.isawaitable(result):
+                if result is None or not inspect.isawaitable(result):
                     return result
                 return await self._bounded(result, action, run_id, step_id)
             return await self._bounded(self._invoke(method, args), action, run_id, step_id)
         except CheckpointError:
             raise
         except Exception as exc:  # a third-party store's failure: fail closed, keep the cause
-            raise CheckpointError(
-                f"the {self._kind} checkpoint store failed to {_codec.operation(action, run_id, step_id)}: "
-                f"{type(exc).__name__}: {exc}",
-                run_id=run_id,
-                node_id=step_id,
-            ) from exc
+            raise self._store_failed(exc, action, run_id, step_id) from exc
+
+    def _store_failed(self, exc: Exception, action: str, run_id: str, step_id: str | None) -> CheckpointError:
+        return CheckpointError(
+            f"the {self._kind} checkpoint store failed to {_codec.operation(action, run_id, step_id)}: "
+            f"{type(exc).__name__}: {exc}",
+            run_id=run_id,
+            node_id=step_id,
+        )
 
     @staticmethod
     def _check_ids(run_id: str, node_id: str) -> None:
@@ -269,7 +272,25 @@ class CheckpointManager:
         if not isinstance(state, BaseModel):
             raise TypeError(f"state must be a pydantic BaseModel instance, got {type(state).__name__}")
         if schema is None:
-            await self._call("save", run_id, node_id, state, action="save", run_id=run_id, step_id=node_id)
+            save = self._store.save
+            if self._blocking or self._is_async(save):
+                await self._call("save", run_id, node_id, state, action="save", run_id=run_id, step_id=node_id)
+                return
+            # An in-process store (the common case, once per step): called in place, as _call
+            # would, without another coroutine frame.
+            try:
+                result = save(run_id, node_id, state)
+            except CheckpointError:
+                raise
+            except Exception as exc:
+                raise self._store_failed(exc, "save", run_id, node_id) from exc
+            if result is not None and inspect.isawaitable(result):
+                try:
+                    await self._bounded(result, "save", run_id, node_id)
+                except CheckpointError:
+                    raise
+                except Exception as exc:
+                    raise self._store_failed(exc, "save", run_id, node_id) from exc
             return
         require_model_class(schema)
         if self._has["save_typed"]:
