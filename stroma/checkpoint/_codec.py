@@ -103,14 +103,26 @@ class CheckpointData(BaseModel):
 # --- identifiers ---------------------------------------------------------------------------------
 
 
+_CHECKED_RUN_IDS: dict[str, None] = {}
+"""Run ids (exact ``str``) already found valid: a run checkpoints every step under the same id, and
+whether a plain string is a run id depends on its text alone. Bounded; cleared when full."""
+_MAX_CHECKED_RUN_IDS: Final = 1024
+
+
 def check_run_id(run_id: object) -> str:
     """Return *run_id* if it is a run id (:func:`stroma._ids.run_id_problem`, the rule ``RunConfig``
     applies too); raise ``TypeError`` for a non-``str``, ``ValueError`` for a bad string."""
+    if type(run_id) is str and run_id in _CHECKED_RUN_IDS:
+        return run_id
     if not isinstance(run_id, str):
         raise TypeError(f"run_id must be a str, got {type(run_id).__name__}")
     problem = run_id_problem(run_id)
     if problem is not None:
         raise ValueError(f"run_id {problem}")
+    if type(run_id) is str:  # a str subclass may compare or hash unlike its text: checked every time
+        if len(_CHECKED_RUN_IDS) >= _MAX_CHECKED_RUN_IDS:
+            _CHECKED_RUN_IDS.clear()
+        _CHECKED_RUN_IDS[run_id] = None
     return run_id
 
 
