@@ -27,7 +27,7 @@ import typing
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 from pydantic import BaseModel, RootModel, ValidationError
 
@@ -230,7 +230,8 @@ class BoundaryValidator:
             else:
                 msg = f"expected a mapping or a {schema.__name__} instance, got {type(raw).__name__}"
                 raise ContractViolation(node_id, direction, raw, [_error("model_type", msg)])
-            model = cast(BaseModel, schema.__pydantic_validator__.validate_python(data))  # = model_validate(data)
+            validated: BaseModel = schema.__pydantic_validator__.validate_python(data)  # = model_validate(data)
+            model = validated
         except ValidationError as exc:
             raise ContractViolation(node_id, direction, raw, validation_errors(exc)) from exc
         except RecursionError as exc:
@@ -279,7 +280,7 @@ def _revalidate_instance(raw: BaseModel) -> BaseModel:
         data.update(extra)
     try:
         if _VALIDATE_BY_NAME:
-            model = cast(BaseModel, cls.__pydantic_validator__.validate_python(data, by_name=True))
+            model: BaseModel = cls.__pydantic_validator__.validate_python(data, by_name=True)
         else:
             model = cls.model_validate(_keyed_by_alias(cls, data))
     except ValidationError as invalid:
