@@ -6,6 +6,7 @@ fleet lease, every checkpoint store), so an id one part accepts is never refused
 
 from __future__ import annotations
 
+import re
 from typing import Final
 
 MAX_RUN_ID_CHARS: Final = 256
@@ -13,6 +14,10 @@ MAX_RUN_ID_CHARS: Final = 256
 
 RESERVED_PREFIX: Final = "\x00stroma:"
 """Step ids starting with this are Stroma's own records (a run's manifest); user steps may not use it."""
+
+
+_CONTROL_CHAR: Final = re.compile("[\x00-\x1f\x7f]")
+"""A control character (U+0000-U+001F, U+007F): one C-level scan instead of a loop per character."""
 
 
 def run_id_problem(value: object) -> str | None:
@@ -28,6 +33,6 @@ def run_id_problem(value: object) -> str | None:
         return "must not be empty"
     if len(value) > MAX_RUN_ID_CHARS:
         return f"must be at most {MAX_RUN_ID_CHARS} characters (has {len(value)})"
-    if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+    if _CONTROL_CHAR.search(value) is not None:
         return "must not contain control characters"
     return None

@@ -230,7 +230,8 @@ class BoundaryValidator:
             else:
                 msg = f"expected a mapping or a {schema.__name__} instance, got {type(raw).__name__}"
                 raise ContractViolation(node_id, direction, raw, [_error("model_type", msg)])
-            model = schema.model_validate(data)
+            validated: BaseModel = schema.__pydantic_validator__.validate_python(data)  # = model_validate(data)
+            model = validated
         except ValidationError as exc:
             raise ContractViolation(node_id, direction, raw, validation_errors(exc)) from exc
         except RecursionError as exc:
@@ -279,7 +280,7 @@ def _revalidate_instance(raw: BaseModel) -> BaseModel:
         data.update(extra)
     try:
         if _VALIDATE_BY_NAME:
-            model = cls.model_validate(data, by_name=True)
+            model: BaseModel = cls.__pydantic_validator__.validate_python(data, by_name=True)
         else:
             model = cls.model_validate(_keyed_by_alias(cls, data))
     except ValidationError as invalid:
@@ -485,7 +486,8 @@ class ContractRegistry:
         A different contract under the same step id is replaced: the contract a caller passes
         to ``execute_step`` is the one its data is validated against (design §3, improvement 3).
         """
-        if self._contracts.get(contract.node_id) != contract:
+        registered = self._contracts.get(contract.node_id)
+        if registered is not contract and registered != contract:
             self.register(contract)
         return contract
 

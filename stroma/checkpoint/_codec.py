@@ -103,14 +103,26 @@ class CheckpointData(BaseModel):
 # --- identifiers ---------------------------------------------------------------------------------
 
 
+_CHECKED_RUN_IDS: dict[str, None] = {}
+"""Run ids (exact ``str``) already found valid: a run checkpoints every step under the same id, and
+whether a plain string is a run id depends on its text alone. Bounded; cleared when full."""
+_MAX_CHECKED_RUN_IDS: Final = 1024
+
+
 def check_run_id(run_id: object) -> str:
     """Return *run_id* if it is a run id (:func:`stroma._ids.run_id_problem`, the rule ``RunConfig``
     applies too); raise ``TypeError`` for a non-``str``, ``ValueError`` for a bad string."""
+    if type(run_id) is str and run_id in _CHECKED_RUN_IDS:
+        return run_id
     if not isinstance(run_id, str):
         raise TypeError(f"run_id must be a str, got {type(run_id).__name__}")
     problem = run_id_problem(run_id)
     if problem is not None:
         raise ValueError(f"run_id {problem}")
+    if type(run_id) is str:  # a str subclass may compare or hash unlike its text: checked every time
+        if len(_CHECKED_RUN_IDS) >= _MAX_CHECKED_RUN_IDS:
+            _CHECKED_RUN_IDS.clear()
+        _CHECKED_RUN_IDS[run_id] = None
     return run_id
 
 
@@ -248,6 +260,25 @@ def _json_string(text: str) -> bytes:
     return _canonical(text)
 
 
+@functools.lru_cache(maxsize=8)
+def _envelope_head(kind: str) -> bytes:
+    """``{"format":…,"kind":…,"payload":`` (constant per kind)."""
+    return b'{"format":"' + FORMAT.encode() + b'","kind":"' + kind.encode() + b'","payload":'
+
+
+@functools.lru_cache(maxsize=256)
+def _run_member(run_id: str) -> bytes:
+    """``,"run_id":…,"saved_at":`` for *run_id* (constant per run: cached, bounded)."""
+    return b',"run_id":' + _json_string(run_id) + b',"saved_at":'
+
+
+@functools.lru_cache(maxsize=512)
+def _envelope_tail(schema: bytes, step_id: str | None) -> bytes:
+    """``,"schema":…,"step_id":…,"version":…}`` (constant per schema and step: cached, bounded)."""
+    step = b"null" if step_id is None else _json_string(step_id)
+    return b"," + schema + b',"step_id":' + step + b',"version":' + str(FORMAT_VERSION).encode() + b"}"
+
+
 def _envelope(kind: str, run_id: str, step_id: str | None, payload: bytes, schema: bytes) -> bytes:
     """The sealed envelope as bytes, keys in sorted order, from an already encoded *payload*.
 
@@ -255,17 +286,11 @@ def _envelope(kind: str, run_id: str, step_id: str | None, payload: bytes, schem
     """
     body = b"".join(
         (
-            b'{"format":"' + FORMAT.encode() + b'","kind":"' + kind.encode() + b'","payload":',
+            _envelope_head(kind),
             payload,
-            b',"run_id":',
-            _json_string(run_id),
-            b',"saved_at":',
+            _run_member(run_id),
             float.__repr__(time.time()).encode("ascii"),  # how JSON writes a finite float
-            b",",
-            schema,
-            b',"step_id":',
-            b"null" if step_id is None else _json_string(step_id),
-            b',"version":' + str(FORMAT_VERSION).encode() + b"}",
+            _envelope_tail(schema, step_id),
         )
     )
     checksum = _seal_bytes(body, checkpoint_key())

@@ -157,6 +157,7 @@ class CheckpointManager:
         self._timeout = None if timeout_seconds is None else float(timeout_seconds)
         self._has = {name: callable(getattr(store, name, None)) for name in _OPTIONAL}
         self._blocking = bool(getattr(store, "blocking", True))
+        self._async_funcs: dict[Callable[..., Any], bool] = {}
         kind = getattr(store, "store_kind", None)
         self._kind = kind if isinstance(kind, str) and kind else type(store).__name__
 
@@ -176,7 +177,7 @@ class CheckpointManager:
     # --- plumbing --------------------------------------------------------------------------------
 
     async def _invoke(self, method: Callable[..., Any], args: tuple[Any, ...]) -> Any:
-        if inspect.iscoroutinefunction(method):
+        if self._is_async(method):
             return await method(*args)
         if self._blocking:
             result = await _on_daemon_thread(method, args)
@@ -212,26 +213,42 @@ class CheckpointManager:
         except asyncio.TimeoutError as exc:
             raise timed_out() from exc
 
+    def _is_async(self, method: Callable[..., Any]) -> bool:
+        """``inspect.iscoroutinefunction(method)``, decided once per function of the store's class
+        (a store's methods do not change kind; a method replaced on the instance is looked at anew)."""
+        func = getattr(method, "__func__", None)
+        if func is None:
+            return inspect.iscoroutinefunction(method)
+        known = self._async_funcs.get(func)
+        if known is None:
+            if len(self._async_funcs) >= 64:  # bounded: methods swapped in at run time are not kept forever
+                self._async_funcs.clear()
+            known = self._async_funcs[func] = inspect.iscoroutinefunction(method)
+        return known
+
     async def _call(self, name: str, *args: Any, action: str, run_id: str, step_id: str | None) -> Any:
         method = getattr(self._store, name)
         try:
-            if not self._blocking and not inspect.iscoroutinefunction(method):
+            if not self._blocking and not self._is_async(method):
                 # An in-process store answers at once: no thread, and no timeout timer (a cancelled
                 # timer holds its context, the current span included, until the loop runs again).
                 result = method(*args)
-                if not inspect.isawaitable(result):
+                if result is None or not inspect.isawaitable(result):
                     return result
                 return await self._bounded(result, action, run_id, step_id)
             return await self._bounded(self._invoke(method, args), action, run_id, step_id)
         except CheckpointError:
             raise
         except Exception as exc:  # a third-party store's failure: fail closed, keep the cause
-            raise CheckpointError(
-                f"the {self._kind} checkpoint store failed to {_codec.operation(action, run_id, step_id)}: "
-                f"{type(exc).__name__}: {exc}",
-                run_id=run_id,
-                node_id=step_id,
-            ) from exc
+            raise self._store_failed(exc, action, run_id, step_id) from exc
+
+    def _store_failed(self, exc: Exception, action: str, run_id: str, step_id: str | None) -> CheckpointError:
+        return CheckpointError(
+            f"the {self._kind} checkpoint store failed to {_codec.operation(action, run_id, step_id)}: "
+            f"{type(exc).__name__}: {exc}",
+            run_id=run_id,
+            node_id=step_id,
+        )
 
     @staticmethod
     def _check_ids(run_id: str, node_id: str) -> None:
@@ -255,7 +272,25 @@ class CheckpointManager:
         if not isinstance(state, BaseModel):
             raise TypeError(f"state must be a pydantic BaseModel instance, got {type(state).__name__}")
         if schema is None:
-            await self._call("save", run_id, node_id, state, action="save", run_id=run_id, step_id=node_id)
+            save = self._store.save
+            if self._blocking or self._is_async(save):
+                await self._call("save", run_id, node_id, state, action="save", run_id=run_id, step_id=node_id)
+                return
+            # An in-process store (the common case, once per step): called in place, as _call
+            # would, without another coroutine frame.
+            try:
+                result = save(run_id, node_id, state)
+            except CheckpointError:
+                raise
+            except Exception as exc:
+                raise self._store_failed(exc, "save", run_id, node_id) from exc
+            if result is not None and inspect.isawaitable(result):
+                try:
+                    await self._bounded(result, "save", run_id, node_id)
+                except CheckpointError:
+                    raise
+                except Exception as exc:
+                    raise self._store_failed(exc, "save", run_id, node_id) from exc
             return
         require_model_class(schema)
         if self._has["save_typed"]:

@@ -48,7 +48,10 @@ class InMemoryStore:
 
     def _put(self, run_id: str, node_id: str, text: bytes, model: type[BaseModel]) -> None:
         with self._lock:
-            self._runs.setdefault(run_id, _RunRecord()).steps[node_id] = (text, model)
+            record = self._runs.get(run_id)
+            if record is None:
+                record = self._runs[run_id] = _RunRecord()
+            record.steps[node_id] = (text, model)
 
     def _get(self, run_id: str, node_id: str) -> tuple[bytes, type[BaseModel]] | None:
         _codec.check_run_id(run_id)

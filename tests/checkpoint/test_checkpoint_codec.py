@@ -251,3 +251,24 @@ def test_checkpoint_error_pickles_with_its_names() -> None:
     error = CheckpointError("broken", run_id="r", node_id="s")
     copy = pickle.loads(pickle.dumps(error))
     assert (str(copy), copy.run_id, copy.node_id) == ("broken", "r", "s")
+
+
+def test_run_ids_found_valid_are_remembered_within_a_bound() -> None:
+    for number in range(3000):
+        assert codec.check_run_id(f"run-{number}") == f"run-{number}"
+    assert 0 < len(codec._CHECKED_RUN_IDS) <= codec._MAX_CHECKED_RUN_IDS
+
+
+def test_a_str_subclass_run_id_is_checked_every_time() -> None:
+    class Sneaky(str):
+        """Hashes and compares as a valid id while its text is not one."""
+
+        def __hash__(self) -> int:
+            return hash("ok-run")
+
+        def __eq__(self, other: object) -> bool:
+            return other == "ok-run" or str.__eq__(self, other)
+
+    assert codec.check_run_id("ok-run") == "ok-run"  # remembered as valid
+    with pytest.raises(ValueError, match="control characters"):
+        codec.check_run_id(Sneaky("bad\x00run"))

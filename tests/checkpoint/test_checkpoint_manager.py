@@ -309,3 +309,53 @@ async def test_async_sqlite_store_runs_on_its_worker_thread(tmp_path: Path) -> N
         await CheckpointManager(store).checkpoint("r", "s", ThreadProbe(text="x"))
     assert [thread.name.startswith("stroma-checkpoint-sqlite") for thread in seen_threads] == [True]
     assert not [thread for thread in threading.enumerate() if thread.name.startswith("stroma-checkpoint-sqlite")]
+
+
+# --- the in-place path for non-blocking stores --------------------------------------------------
+
+
+class InPlaceStore(DictStore):
+    """A non-blocking store: the manager calls it on the event loop, without a thread."""
+
+    blocking = False
+
+
+async def test_a_save_method_swapped_for_a_coroutine_function_is_awaited() -> None:
+    # The manager decides sync-or-async once per function, not once per store: a method replaced
+    # on the instance at run time is looked at anew, so its coroutine is awaited, not dropped.
+    store = InPlaceStore()
+    manager = CheckpointManager(store)
+    await manager.checkpoint("r", "s", Out(text="sync"))
+    saved: list[str] = []
+
+    async def save_later(run_id: str, node_id: str, state: BaseModel) -> None:
+        await asyncio.sleep(0)
+        saved.append(f"{run_id}/{node_id}")
+        store.data[(run_id, node_id)] = state
+
+    store.save = save_later  # type: ignore[method-assign, assignment]
+    await manager.checkpoint("r", "t", Out(text="async"))
+    assert saved == ["r/t"]
+    assert store.data[("r", "t")] == Out(text="async")
+    assert store.data[("r", "s")] == Out(text="sync")
+
+
+async def test_an_awaitable_returned_by_an_in_place_save_is_awaited_and_its_failure_wrapped() -> None:
+    class FutureStore(InPlaceStore):
+        def save(self, run_id: str, node_id: str, state: BaseModel) -> Any:
+            async def write() -> None:
+                raise OSError("late write failed")
+
+            return write()
+
+    with pytest.raises(CheckpointError, match=r"failed to save .*OSError: late write failed") as info:
+        await CheckpointManager(FutureStore()).checkpoint("r", "s", Out(text="x"))
+    assert isinstance(info.value.__cause__, OSError)
+
+
+async def test_an_in_place_save_failure_names_the_store_step_and_run() -> None:
+    manager = CheckpointManager(RaisingStore(RuntimeError("disk on fire")))
+    with pytest.raises(CheckpointError, match="failed to save the checkpoint of step 's' in run 'r'") as info:
+        await manager.checkpoint("r", "s", Out(text="x"))
+    assert (info.value.run_id, info.value.node_id) == ("r", "s")
+    assert isinstance(info.value.__cause__, RuntimeError)
