@@ -28,7 +28,9 @@ class Rating(BaseModel):
     score: int
 
 
-async def test_instrumented_agent_usage_comes_from_its_spans(capture: TelemetryCapture) -> None:
+def rating_agent(capture: TelemetryCapture) -> Agent[None, Rating]:
+    """An instrumented agent whose first answer fails output validation: two model calls,
+    61 + 122 input tokens and 5 + 5 output tokens."""
     calls = 0
 
     def model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
@@ -52,6 +54,12 @@ async def test_instrumented_agent_usage_comes_from_its_spans(capture: TelemetryC
         if rating.score < 0:
             raise ModelRetry("positive please")
         return rating
+
+    return agent
+
+
+async def test_instrumented_agent_usage_comes_from_its_spans(capture: TelemetryCapture) -> None:
+    agent = rating_agent(capture)
 
     ctx = run_ctx(capture)
     seen: list[Any] = []
@@ -84,34 +92,12 @@ async def test_capability_and_instrumentation_together_count_each_call_once(
 
     from stroma.adapters.pydantic_ai import run_agent
 
-    calls = 0
-
-    def model(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
-        nonlocal calls
-        calls += 1
-        args = {"score": -1 if calls == 1 else 4}
-        return ModelResponse(
-            parts=[ToolCallPart(info.output_tools[0].name, args)],
-            usage=RequestUsage(input_tokens=61 * calls, output_tokens=5),
-            model_name="gpt-4o-mini",
-        )
-
-    agent = Agent(
-        FunctionModel(model, model_name="gpt-4o-mini"),
-        output_type=Rating,
-        capabilities=[Instrumentation(settings=InstrumentationSettings(tracer_provider=capture.tracer_provider))],
-    )
-
-    @agent.output_validator
-    def positive(rating: Rating) -> Rating:
-        if rating.score < 0:
-            raise ModelRetry("positive please")
-        return rating
+    agent = rating_agent(capture)
 
     settings = dataclasses.replace(capture.settings, usage_source=usage_source)
     ctx = run_ctx(capture, telemetry=settings)
     result = await run_agent(agent, "rate this", ctx, step_id="rate")
-    assert result.status is RunStatus.COMPLETED and calls == 2
+    assert result.status is RunStatus.COMPLETED  # two calls: 61 + 122 input tokens
     assert (result.input_tokens, result.output_tokens) == (61 + 122, 10)
     (attempt,) = capture.spans_named("attempt")
     assert len([s for s in capture.spans() if s.name.startswith("chat")]) == 2  # the instrumentation ran
