@@ -35,7 +35,6 @@ from stroma._loop.step_io import (
     Fallbacks,
     accepts_context,
     as_input_class,
-    check_tokens,
     enter_attempt,
     exit_attempt,
     unpack_output,
@@ -307,13 +306,8 @@ async def call(step: StepState, usage: AttemptUsage) -> Any:
                 raise TimeoutError(f"step {step_id!r} timed out after {timeout:.3f} s") from exc
     raw_output, in_tok, out_tok, declared_model = unpack_output(step_id, outcome)
     if in_tok or out_tok:
-        if usage.input_tokens or usage.output_tokens:
-            # returned usage adds to what report_usage() recorded: the sum is bounded too
-            # (each returned count alone was checked by unpack_output)
-            check_tokens(step_id, "input_tokens (attempt total)", usage.input_tokens + in_tok)
-            check_tokens(step_id, "output_tokens (attempt total)", usage.output_tokens + out_tok)
-        usage.input_tokens += in_tok
-        usage.output_tokens += out_tok
+        # returned usage adds to what report_usage() recorded (each count was checked by unpack_output)
+        usage.add(step_id, in_tok, out_tok)
     if declared_model is not None:
         usage.model = declared_model
     if step.contract is not None:

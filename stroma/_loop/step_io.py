@@ -46,6 +46,14 @@ class AttemptUsage:
     #: model in the step's error when the call failed before reporting any usage)
     asked_model: str | None = None
 
+    def add(self, step_id: str | None, input_tokens: int, output_tokens: int) -> None:
+        """Add checked token counts; the attempt's totals must stay within bounds too."""
+        if self.input_tokens or self.output_tokens:
+            check_tokens(step_id, "input_tokens (attempt total)", self.input_tokens + input_tokens)
+            check_tokens(step_id, "output_tokens (attempt total)", self.output_tokens + output_tokens)
+        self.input_tokens += input_tokens
+        self.output_tokens += output_tokens
+
 
 class Fallbacks:
     """The model-fallback policies of a run as they stand for one attempt.
@@ -140,13 +148,9 @@ def report_usage(input_tokens: int = 0, output_tokens: int = 0, model: str | Non
     check_model(step_id, model)
     if scope is None:
         return
-    usage = scope.usage
-    check_tokens(step_id, "input_tokens (attempt total)", usage.input_tokens + input_tokens)
-    check_tokens(step_id, "output_tokens (attempt total)", usage.output_tokens + output_tokens)
-    usage.input_tokens += input_tokens
-    usage.output_tokens += output_tokens
+    scope.usage.add(step_id, input_tokens, output_tokens)
     if model is not None:
-        usage.model = model
+        scope.usage.model = model
 
 
 def current_model(default: str | None = None) -> str | None:
