@@ -49,7 +49,6 @@ import asyncio
 import logging
 import math
 import os
-import threading
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any, Final
@@ -58,7 +57,7 @@ from urllib.parse import urlsplit
 from stroma.checkpoint.redis import mask_url
 from stroma.cost import BudgetExceeded, Dimension
 from stroma.errors import ConfigurationError, StromaError
-from stroma.fleet._redis import sync_client
+from stroma.fleet._redis import LazyRedis, text
 
 __all__ = [
     "Reservation",
@@ -351,13 +350,9 @@ class SharedBudget:
         self.ttl_seconds = ttl_seconds
         self._lease_ms = max(1, int(self.lease_seconds * 1000))
         self._keys = [f"{key_prefix}{{{key}}}", f"{key_prefix}{{{key}}}:leases"]
-        self._url = redis_url
         self._target = mask_url(redis_url) if redis_url is not None else type(client).__name__
-        self._timeout = float(timeout_seconds)
-        self._client: Any = client
-        self._owns_client = client is None
-        self._lock = threading.Lock()
-        self._scripts: dict[str, Any] = {}
+        # Retrying is safe: both scripts are idempotent by reservation id.
+        self._redis = LazyRedis(redis_url, client, timeout_seconds=float(timeout_seconds), retries=2)
         # largest actual spend of one attempt per step id: (micros, tokens)
         self._largest: dict[str, tuple[int, int]] = {}
 
@@ -374,22 +369,9 @@ class SharedBudget:
 
     # --- Redis ----------------------------------------------------------------------------------
 
-    def _script(self, name: str, text: str) -> Any:
-        with self._lock:
-            if self._client is None:
-                url = self._url
-                if url is None:  # pragma: no cover - guarded by the constructor
-                    raise RuntimeError("SharedBudget has neither a client nor a URL")
-                # Retrying is safe: both scripts are idempotent by reservation id.
-                self._client = sync_client(url, timeout_seconds=self._timeout, retries=2)
-            script = self._scripts.get(name)
-            if script is None:
-                script = self._scripts[name] = self._client.register_script(text)
-            return script
-
-    def _call(self, name: str, text: str, args: list[Any], action: str) -> list[Any]:
+    def _call(self, name: str, source: str, args: list[Any], action: str) -> list[Any]:
         try:
-            return list(self._script(name, text)(keys=self._keys, args=args))
+            return list(self._redis.script(name, source)(keys=self._keys, args=args))
         except Exception as exc:
             if isinstance(exc, StromaError):
                 raise
@@ -427,11 +409,11 @@ class SharedBudget:
         if status == -1:
             raise ConfigurationError(
                 f"shared budget {self.key!r} is already used with other limits (micro-dollars/tokens, -1 = none: "
-                f"{_text(reply[5])}, here {self._limit_micros}/{self._limit_tokens}); every process naming a key "
+                f"{text(reply[5])}, here {self._limit_micros}/{self._limit_tokens}); every process naming a key "
                 "must use the same max_cost_usd and max_tokens"
             )
         spent_m, held_m, spent_t, held_t = (int(v) for v in reply[1:5])
-        if _text(reply[5]) == "cost":
+        if text(reply[5]) == "cost":
             raise SharedBudgetExceeded(
                 "shared_cost",
                 self._limit_micros / MICROS_PER_USD,
@@ -471,8 +453,7 @@ class SharedBudget:
     def delete(self) -> None:
         """Remove the budget's keys (spend, holds and settled ids): the budget starts again at 0."""
         try:
-            self._script("usage", _USAGE)  # makes sure the client exists
-            self._client.delete(*self._keys)
+            self._redis.client.delete(*self._keys)
         except Exception as exc:
             raise SharedBudgetError(
                 f"shared budget {self.key!r} at {self._target} could not be deleted ({type(exc).__name__})"
@@ -480,12 +461,7 @@ class SharedBudget:
 
     def close(self) -> None:
         """Close the client this object created (a client passed in is left open). Idempotent."""
-        if self._owns_client:
-            with self._lock:
-                client, self._client = self._client, None
-                self._scripts.clear()
-            if client is not None:
-                client.close()
+        self._redis.close()
 
     # --- the step loop's hook (stroma.cost.SharedLimit) ------------------------------------------
 
@@ -530,7 +506,3 @@ def _check_count(key: str, name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_AMOUNT_MICROS:
         raise ConfigurationError(f"SharedBudget {key!r}: {name} must be a whole number >= 0, got {value!r}")
     return value
-
-
-def _text(value: Any) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)

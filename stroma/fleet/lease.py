@@ -44,7 +44,7 @@ from stroma.checkpoint.redis import DEFAULT_KEY_PREFIX as CHECKPOINT_KEY_PREFIX
 from stroma.checkpoint.redis import DEFAULT_TTL_SECONDS, ORDER_FIELD_PREFIX, SyncRedisStore, mask_url
 from stroma.config import check_run_id
 from stroma.errors import CheckpointError, ConfigurationError, StromaError
-from stroma.fleet._redis import sync_client
+from stroma.fleet._redis import LazyRedis, text
 
 __all__ = ["FencedRedisStore", "RunLease", "RunLeaseError", "RunLeaseHeld", "StaleFenceError"]
 
@@ -130,10 +130,6 @@ class StaleFenceError(CheckpointError):
     token. The message names the run, the step and both tokens; ``run_id`` and ``node_id`` are set."""
 
 
-def _text(value: Any) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-
-
 class RunLease:
     """The exclusive, renewed right to execute run *run_id* (see the module docs).
 
@@ -185,13 +181,10 @@ class RunLease:
         self.fence_key = f"{key_prefix}fence:{run_id}"
         self.owner = owner if owner is not None else f"{socket.gethostname()} {os.getpid()}:{os.urandom(4).hex()}"
         self._fence_ttl = fence_ttl_seconds
-        self._url = redis_url
         self._target = mask_url(redis_url) if redis_url is not None else type(client).__name__
         self._timeout = float(timeout_seconds)
-        self._client: Any = client
-        self._owns_client = client is None
-        self._lock = threading.Lock()
-        self._scripts: dict[str, Any] = {}
+        # No retries: a retried acquire would take a second fencing token.
+        self._redis = LazyRedis(redis_url, client, timeout_seconds=self._timeout)
         self._value: str | None = None
         self.token: int | None = None
         self._stop = threading.Event()
@@ -204,23 +197,11 @@ class RunLease:
     @property
     def client(self) -> Any:
         """The (synchronous) Redis client of this lease, created on first use."""
-        with self._lock:
-            if self._client is None:
-                url = self._url
-                if url is None:  # pragma: no cover - guarded by the constructor
-                    raise RuntimeError("RunLease has neither a client nor a URL")
-                # No retries: a retried acquire would take a second fencing token.
-                self._client = sync_client(url, timeout_seconds=self._timeout)
-            return self._client
+        return self._redis.client
 
-    def script(self, name: str, text: str) -> Any:
+    def script(self, name: str, source: str) -> Any:
         """A registered Lua script on :attr:`client` (``EVALSHA``, loaded on first use)."""
-        client = self.client
-        with self._lock:
-            found = self._scripts.get(name)
-            if found is None:
-                found = self._scripts[name] = client.register_script(text)
-            return found
+        return self._redis.script(name, source)
 
     def _fail(self, exc: Exception, action: str) -> RunLeaseError:
         return RunLeaseError(
@@ -254,7 +235,7 @@ class RunLease:
         except Exception as exc:
             raise self._fail(exc, "take") from exc
         if int(reply[0]) != 1:
-            holder = _text(reply[1]).rpartition("|")[0]
+            holder = text(reply[1]).rpartition("|")[0]
             remaining = int(reply[2])
             raise RunLeaseHeld(
                 f"run {self.run_id!r} is already running elsewhere: its lease is held by {holder!r} for another "
@@ -325,12 +306,7 @@ class RunLease:
     def close(self) -> None:
         """Release, then close the client this lease created (a client passed in is left open)."""
         self.release()
-        if self._owns_client:
-            with self._lock:
-                client, self._client = self._client, None
-                self._scripts.clear()
-            if client is not None:
-                client.close()
+        self._redis.close()
 
     def __enter__(self) -> RunLease:
         self.acquire()
@@ -400,7 +376,7 @@ class FencedRedisStore(SyncRedisStore):
             keys=[self.run_key(run_id), lease.fence_key], args=[token, self.ttl_seconds, *args]
         )
         if int(reply[0]) != 1:
-            current = _text(reply[1]) or "none"
+            current = text(reply[1]) or "none"
             raise StaleFenceError(
                 f"refused to write{where} run {run_id!r}: this worker's fencing token {token} is stale (the run's "
                 f"current token is {current}; another worker took the run over). Stop working on this run.",

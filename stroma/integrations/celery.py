@@ -79,7 +79,7 @@ from stroma.checkpoint.redis import DEFAULT_TTL_SECONDS
 from stroma.config import check_run_id, new_run_id
 from stroma.context import ReliabilityContext
 from stroma.errors import CheckpointError, ConfigurationError, StromaError
-from stroma.fleet._redis import sync_client
+from stroma.fleet._redis import LazyRedis
 from stroma.fleet.lease import DEFAULT_LEASE_PREFIX, RunLease, RunLeaseError, RunLeaseHeld, StaleFenceError
 from stroma.runner import StromaRunner
 from stroma.telemetry import names as n
@@ -290,9 +290,7 @@ class CeleryPipeline:
         self.key_prefix = key_prefix
         self.checkpoint_key_prefix = checkpoint_key_prefix
         self.input_schema: type[BaseModel] = plan.stages[0].steps[0].contract.input_schema
-        self._timeout = float(redis_timeout_seconds)
-        self._client: Any = None
-        self._client_lock = threading.Lock()
+        self._redis = LazyRedis(redis_url, None, timeout_seconds=float(redis_timeout_seconds))
         pipeline = self
 
         def run_pipeline(task: Any, run_id: str, state: Any, trace: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -430,16 +428,10 @@ class CeleryPipeline:
 
     def deliveries(self, run_id: str) -> int:
         """How many deliveries of *run_id* took its lease so far (0 if none, or expired)."""
-        raw = self._redis().get(self._deliveries_key(run_id))
+        raw = self._redis.client.get(self._deliveries_key(run_id))
         return 0 if raw is None else int(raw)
 
     # --- the worker side --------------------------------------------------------------------------
-
-    def _redis(self) -> Any:
-        with self._client_lock:
-            if self._client is None:
-                self._client = sync_client(self.redis_url, timeout_seconds=self._timeout)
-            return self._client
 
     def _deliveries_key(self, run_id: str) -> str:
         return f"{self.key_prefix}deliveries:{run_id}"
@@ -468,7 +460,7 @@ class CeleryPipeline:
             return self._failed(run_id, str(exc), 0)
         lease = RunLease(
             run_id,
-            client=self._redis(),
+            client=self._redis.client,
             lease_seconds=self.lease_seconds,
             renew_every=self.renew_every,
             key_prefix=self.key_prefix,
