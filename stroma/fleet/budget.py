@@ -77,24 +77,27 @@ MAX_AMOUNT_MICROS: Final = 2**53 - 1
 _MAX_STEPS_REMEMBERED: Final = 4096
 _PURGE_BATCH: Final = 1000
 
-# Shared by both scripts: Redis' own clock, and releasing the holds whose lease expired.
+# Shared by every script: Redis' own clock, dropping a hold, and releasing the holds whose lease expired.
 _PRELUDE = """
 if redis.replicate_commands then pcall(redis.replicate_commands) end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local state, leases = KEYS[1], KEYS[2]
--- amounts are subtracted as 0 - x: -x of 0 is -0, which HINCRBY refuses
+-- Drops reservation rid's hold and its lease; true if it had a hold.
+-- Amounts are subtracted as 0 - x: -x of 0 is -0, which HINCRBY refuses.
+local function drop_hold(rid)
+  local hold = redis.call('HGET', state, 'h:' .. rid)
+  redis.call('ZREM', leases, rid)
+  if not hold then return false end
+  local sep = string.find(hold, ':', 1, true)
+  redis.call('HINCRBY', state, 'held_micros', 0 - tonumber(string.sub(hold, 1, sep - 1)))
+  redis.call('HINCRBY', state, 'held_tokens', 0 - tonumber(string.sub(hold, sep + 1)))
+  redis.call('HDEL', state, 'h:' .. rid)
+  return true
+end
 local expired = redis.call('ZRANGEBYSCORE', leases, '-inf', now, 'LIMIT', 0, PURGE_BATCH)
 for _, rid in ipairs(expired) do
-  local hold = redis.call('HGET', state, 'h:' .. rid)
-  if hold then
-    local sep = string.find(hold, ':', 1, true)
-    redis.call('HINCRBY', state, 'held_micros', 0 - tonumber(string.sub(hold, 1, sep - 1)))
-    redis.call('HINCRBY', state, 'held_tokens', 0 - tonumber(string.sub(hold, sep + 1)))
-    redis.call('HDEL', state, 'h:' .. rid)
-    redis.call('HINCRBY', state, 'expired_holds', 1)
-  end
-  redis.call('ZREM', leases, rid)
+  if drop_hold(rid) then redis.call('HINCRBY', state, 'expired_holds', 1) end
 end
 local function keep_expiry(ttl)
   if redis.call('TTL', state) < 0 then redis.call('EXPIRE', state, ttl) end
@@ -145,16 +148,7 @@ if redis.call('HEXISTS', state, 'd:' .. rid) == 1 then
   local sm, hm, st, ht = totals()
   return {0, 0, sm, st}
 end
-local had = 0
-local hold = redis.call('HGET', state, 'h:' .. rid)
-if hold then
-  local sep = string.find(hold, ':', 1, true)
-  redis.call('HINCRBY', state, 'held_micros', 0 - tonumber(string.sub(hold, 1, sep - 1)))
-  redis.call('HINCRBY', state, 'held_tokens', 0 - tonumber(string.sub(hold, sep + 1)))
-  redis.call('HDEL', state, 'h:' .. rid)
-  redis.call('ZREM', leases, rid)
-  had = 1
-end
+local had = drop_hold(rid) and 1 or 0
 local sm = redis.call('HINCRBY', state, 'spent_micros', micros)
 local st = redis.call('HINCRBY', state, 'spent_tokens', tokens)
 redis.call('HSET', state, 'd:' .. rid, ARGV[2] .. ':' .. ARGV[3])
