@@ -5,7 +5,6 @@ run → step → attempt, and the agent DeepAgents compiled is left as it was.""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import subprocess
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from example_modules import example_module
 
 from stroma import ContractRegistry, ExecutionBudget, ReliabilityContext, RunConfig, RunStatus, pricing
 from stroma.errors import ConfigurationError
@@ -33,15 +33,8 @@ ANSWER = "A-17 ships tomorrow; B-22 was delivered on Monday."
 
 @pytest.fixture(scope="module")
 def example() -> Iterator[Any]:
-    spec = importlib.util.spec_from_file_location("deep_agent_example", EXAMPLE)
-    assert spec is not None and spec.loader is not None
-    module: Any = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
+    with example_module("deep_agent.py", "deep_agent_example") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 @pytest.fixture

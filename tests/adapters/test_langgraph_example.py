@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
+from example_modules import example_module
 
 pytest.importorskip("langgraph")
 
@@ -44,15 +43,8 @@ def test_the_example_runs_and_the_readme_shows_its_tree() -> None:
 
 
 def test_the_example_in_process() -> None:
-    spec = importlib.util.spec_from_file_location("langgraph_agent_example", EXAMPLE)
-    assert spec is not None and spec.loader is not None
-    module: Any = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # LangGraph resolves the state's annotations through it
-    try:
-        spec.loader.exec_module(module)
+    with example_module("langgraph_agent.py", "langgraph_agent_example") as module:
         result, shown = module.main()
-    finally:
-        sys.modules.pop(spec.name, None)
     assert result.status is RunStatus.COMPLETED
     assert (result.input_tokens, result.output_tokens) == (1200, 139)  # every scripted reply, once
     assert [e.node_id for e in result.trace].count("policy") == 2

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
+from example_modules import example_module
 
 from stroma import (
     ContractRegistry,
@@ -251,20 +252,8 @@ async def test_an_event_handler_that_raises_cancels_the_streamed_run() -> None:
 
 
 async def test_the_offline_example() -> None:
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "examples" / "openai_agents_support.py"
-    spec = importlib.util.spec_from_file_location("openai_agents_example", path)
-    assert spec is not None and spec.loader is not None
-    module: Any = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
+    with example_module("openai_agents_support.py", "openai_agents_example") as module:
         result = await module.main()
-    finally:
-        sys.modules.pop(spec.name, None)
     assert result.status is RunStatus.COMPLETED
     assert result.final_state == "Order A-17 ships tomorrow."
     assert result.total_tokens == 2 * 980

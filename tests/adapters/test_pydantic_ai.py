@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from example_modules import example_module
 
 from stroma import (
     ContractRegistry,
@@ -259,20 +260,8 @@ async def test_capability_in_a_step_of_ones_own_with_test_model() -> None:
 
 
 async def test_the_offline_example() -> None:
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "examples" / "pydantic_ai_agent.py"
-    spec = importlib.util.spec_from_file_location("pydantic_ai_agent_example", path)
-    assert spec is not None and spec.loader is not None
-    module: Any = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
+    with example_module("pydantic_ai_agent.py", "pydantic_ai_agent_example") as module:
         result = await module.main()
-    finally:
-        sys.modules.pop(spec.name, None)
     assert result.status is RunStatus.PARTIAL
     assert len(module.REQUESTS) == 3  # a rejected answer, then tool calls until the budget stops it
     assert result.total_tokens == 3 * 920

@@ -5,13 +5,11 @@ the script's."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
+from example_modules import example_module
 from genai_support import FakeAPI, Reply, run_ctx
 
 from stroma import RunStatus
@@ -25,20 +23,11 @@ from deepagents import create_deep_agent  # noqa: E402
 
 from stroma.adapters.langgraph import reliable_graph, run_graph  # noqa: E402
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "deep_agent.py"
-
 
 @pytest.fixture
 def example() -> Iterator[Any]:
-    spec = importlib.util.spec_from_file_location("deep_agent_example_genai", EXAMPLE)
-    assert spec is not None and spec.loader is not None
-    module: Any = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
+    with example_module("deep_agent.py", "deep_agent_example_genai") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 @pytest.mark.usefixtures("openai_instrumented")
